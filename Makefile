@@ -1,0 +1,41 @@
+# relaunchd — developer entry points. See README.md.
+SHELL := /bin/bash
+PYTHON := /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+HOST_PKGS := .ci/host-packages.txt
+# Large downloaded/built inputs (kernel .deb, guest images) live here, keyed by
+# what they were made from; never inside the repository.
+export RELAUNCHD_CACHE ?= $(HOME)/.cache/relaunchd
+
+.PHONY: setup test unit integration vm-test demo lint bench clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: $(HOST_PKGS) pyproject.toml requirements-dev.txt .ci/install-deps
+	.ci/install-deps $(HOST_PKGS)
+	test -x $(VPY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check daemon tests benchmarks
+
+unit: setup
+	$(VPY) -m pytest -m unit tests
+
+integration: setup
+	$(VPY) -m pytest -m integration tests
+
+test: setup lint
+	$(VPY) -m pytest tests
+
+demo: setup
+	$(VPY) tests/support/demo.py
+
+bench: setup
+	$(VPY) benchmarks/inspect.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+"""relaunchd — Linux kexec secure-relaunch daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""`relaunchctl`: the command-line adapter.
+
+One module per command under this package; each has `register(subparsers)`
+which adds its parser and sets `func(args) -> int`. This module only
+dispatches, prints named errors and maps them to the documented exit codes.
+
+Exit codes (stable, see docs/relaunchctl.md):
+  0  success
+  1  verification failed / not ready (a clean "no")
+  2  invalid input or usage (bad image, bad arguments, unreadable file)
+  3  internal error (a bug: please report it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import RelaunchError, VerificationFailed
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_INTERNAL = 3
+
+# Command modules, in the order `--help` lists them.
+COMMANDS = ("inspect", "verify", "check")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relaunchctl",
+        description="Inspect, verify and relaunch into Unified Kernel Images.",
+    )
+    parser.add_argument("--version", action="version", version=f"relaunchctl {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # command not part of this build
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_INVALID
+    try:
+        return args.func(args)
+    except VerificationFailed as exc:
+        print(f"relaunchctl: {exc.name}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except RelaunchError as exc:
+        print(f"relaunchctl: {exc.name}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("relaunchctl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

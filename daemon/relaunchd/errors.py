@@ -1,0 +1,54 @@
+"""Named errors shared by every layer.
+
+Each error carries the short name that the CLI prints (`InvalidImage: <why>`)
+and that the D-Bus adapter maps to `org.relaunchd.Relaunch1.Error.<name>`.
+"""
+
+from __future__ import annotations
+
+
+class RelaunchError(Exception):
+    """Base of all errors relaunchd reports to a user; never shown as a traceback."""
+
+    name = "Failed"
+
+    def __str__(self) -> str:
+        return super().__str__() or self.name
+
+
+class InvalidImage(RelaunchError):
+    """The file is not a UKI relaunchd can use (not a PE, malformed, wrong type of file)."""
+
+    name = "InvalidImage"
+
+
+class VerificationFailed(RelaunchError):
+    """A signature or digest did not verify against the configured trust."""
+
+    name = "VerificationFailed"
+
+
+class InvalidArgument(RelaunchError):
+    """A request that is well-formed but names something that does not exist (e.g. profile 7)."""
+
+    name = "InvalidArgument"
+
+
+class Unsupported(RelaunchError):
+    name = "Unsupported"
+
+
+class NotReady(RelaunchError):
+    name = "NotReady"
+
+
+class NotStaged(RelaunchError):
+    name = "NotStaged"
+
+
+class Busy(RelaunchError):
+    name = "Busy"
+
+
+class KexecFailed(RelaunchError):
+    name = "KexecFailed"

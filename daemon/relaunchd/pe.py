@@ -1,0 +1,248 @@
+"""PE/COFF headers as plain data (formats layer).
+
+Reads the headers of a PE image that lives in a byte range of an open file
+(a whole UKI, or the `.linux` kernel inside one, without copying it) and
+returns the section table and the facts Authenticode needs. pefile parses the
+structures; the checks that make a hostile file a named error instead of a
+surprise are ours: every section inside the file, no overlaps, sane sizes,
+short names only (the stub compares 8-byte names and has no string table,
+uki.md §1.1).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from .errors import InvalidImage
+
+# Machine types (uki.md §1.1).
+MACHINES = {
+    0x8664: "x86_64",
+    0xAA64: "aarch64",
+    0x5064: "riscv64",
+    0x6264: "loongarch64",
+    0x014C: "i386",
+    0x01C4: "arm",
+}
+IMAGE_DIRECTORY_ENTRY_SECURITY = 4
+# Caps that keep a hostile header from making us read or hash gigabytes.
+MAX_IMAGE_SIZE = 4 << 30          # kexec_file_load takes at most 4 GiB per file
+MAX_HEADER_BYTES = 1 << 20        # section table of 256 profiles fits easily
+MAX_SECTIONS = 4096
+MIN_ZERO_FILL_LIMIT = 64 << 20    # VirtualSize beyond the raw data, at least this is allowed
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """A byte range [offset, offset+length) of an open file descriptor."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def pread(self, start: int, size: int) -> bytes:
+        if start < 0 or size < 0 or start + size > self.length:
+            raise InvalidImage(
+                f"read of {size} bytes at 0x{start:x} is outside the {self.length}-byte image"
+            )
+        data = os.pread(self.fd, size, self.offset + start)
+        if len(data) != size:
+            raise InvalidImage(f"file shrank while reading: wanted {size} bytes at 0x{start:x}")
+        return data
+
+    def sub(self, start: int, size: int) -> FileRange:
+        if start < 0 or size < 0 or start + size > self.length:
+            raise InvalidImage(f"range 0x{start:x}+0x{size:x} is outside the image")
+        return FileRange(self.fd, self.offset + start, size)
+
+
+@dataclass(frozen=True)
+class PeSection:
+    name: str
+    index: int               # position in the section table
+    virtual_address: int
+    virtual_size: int        # Misc_VirtualSize: the size the loader maps
+    raw_offset: int          # PointerToRawData
+    raw_size: int            # SizeOfRawData (FileAlignment-padded)
+    characteristics: int
+
+    @property
+    def payload_size(self) -> int:
+        """Bytes that really belong to the section (uki.md §1.1, §3.3)."""
+        return min(self.virtual_size, self.raw_size)
+
+
+@dataclass(frozen=True)
+class PeHeaders:
+    machine: int
+    pe32_plus: bool
+    subsystem: int
+    size_of_headers: int
+    size_of_image: int
+    checksum_offset: int        # the 4-byte CheckSum Authenticode skips
+    cert_dir_offset: int        # the 8-byte security data-directory entry it skips
+    cert_table_offset: int      # file offset of the WIN_CERTIFICATE table (0 if none)
+    cert_table_size: int
+    sections: tuple[PeSection, ...]
+    file_size: int
+
+    @property
+    def machine_name(self) -> str:
+        return MACHINES.get(self.machine, f"0x{self.machine:04x}")
+
+    @property
+    def signed(self) -> bool:
+        return self.cert_table_size > 0
+
+
+def parse_headers(image: FileRange) -> PeHeaders:
+    """Parse and validate PE headers; raise InvalidImage naming what is wrong."""
+    size = image.length
+    if size == 0:
+        raise InvalidImage("empty file")
+    if size < 0x40:
+        raise InvalidImage(f"too small to be a PE image ({size} bytes)")
+    if size > MAX_IMAGE_SIZE:
+        raise InvalidImage(f"larger than {MAX_IMAGE_SIZE >> 30} GiB ({size} bytes)")
+    dos = image.pread(0, 0x40)
+    if dos[:2] != b"MZ":
+        raise InvalidImage("not a PE image (no MZ signature)")
+    e_lfanew = struct.unpack_from("<I", dos, 0x3C)[0]
+    if e_lfanew + 24 > size:
+        raise InvalidImage(f"PE header offset 0x{e_lfanew:x} is beyond the end of the file")
+    coff = image.pread(e_lfanew, 24)
+    if coff[:4] != b"PE\0\0":
+        raise InvalidImage("not a PE image (no PE signature)")
+    nsections, = struct.unpack_from("<H", coff, 6)
+    opt_size, = struct.unpack_from("<H", coff, 20)
+    if nsections == 0:
+        raise InvalidImage("PE image has no sections")
+    if nsections > MAX_SECTIONS:
+        raise InvalidImage(f"PE image claims {nsections} sections (limit {MAX_SECTIONS})")
+    table_end = e_lfanew + 24 + opt_size + 40 * nsections
+    if table_end > size:
+        raise InvalidImage("section table extends beyond the end of the file (truncated?)")
+    if table_end > MAX_HEADER_BYTES:
+        raise InvalidImage(f"PE headers of {table_end} bytes are implausibly large")
+    header_bytes = image.pread(0, table_end)
+    pe = _pefile(header_bytes)
+    try:
+        return _validate(pe, image, e_lfanew, opt_size)
+    finally:
+        pe.close()
+
+
+def _pefile(header_bytes: bytes):
+    import pefile  # lazy: keeps `relaunchctl --help` fast
+
+    try:
+        return pefile.PE(data=header_bytes, fast_load=True)
+    except pefile.PEFormatError as exc:
+        raise InvalidImage(f"malformed PE headers: {exc.value}") from None
+    except (struct.error, ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
+        # pefile has no single error type for every malformed header.
+        raise InvalidImage(f"malformed PE headers: {exc}") from None
+
+
+def _validate(pe, image: FileRange, e_lfanew: int, opt_size: int) -> PeHeaders:
+    size = image.length
+    opt = getattr(pe, "OPTIONAL_HEADER", None)
+    if opt is None:
+        raise InvalidImage("PE image has no optional header")
+    magic = opt.Magic
+    if magic not in (0x10B, 0x20B):
+        raise InvalidImage(f"unknown optional header magic 0x{magic:x}")
+    pe32_plus = magic == 0x20B
+    opt_start = e_lfanew + 24
+    dirs_start = opt_start + (112 if pe32_plus else 96)
+    n_dirs = opt.NumberOfRvaAndSizes
+    cert_dir_offset = dirs_start + 8 * IMAGE_DIRECTORY_ENTRY_SECURITY
+    cert_offset = cert_size = 0
+    if n_dirs > IMAGE_DIRECTORY_ENTRY_SECURITY and cert_dir_offset + 8 <= opt_start + opt_size:
+        cert_offset, cert_size = struct.unpack_from(
+            "<II", image.pread(cert_dir_offset, 8)
+        )
+        if cert_size and (cert_offset + cert_size > size or cert_offset < opt_start):
+            raise InvalidImage(
+                f"certificate table at 0x{cert_offset:x}+0x{cert_size:x} is outside the file"
+            )
+        if not cert_size:
+            cert_offset = 0
+    size_of_headers = opt.SizeOfHeaders
+    if size_of_headers > size:
+        raise InvalidImage(f"SizeOfHeaders 0x{size_of_headers:x} is beyond the end of the file")
+
+    sections = tuple(_section(s, i) for i, s in enumerate(pe.sections))
+    zero_fill_limit = max(MIN_ZERO_FILL_LIMIT, size)
+    for s in sections:
+        if s.raw_size and s.raw_offset + s.raw_size > size:
+            raise InvalidImage(
+                f"section {s.name} (0x{s.raw_offset:x}+0x{s.raw_size:x}) extends beyond the "
+                f"end of the {size}-byte file (truncated?)"
+            )
+        if s.virtual_size > s.raw_size + zero_fill_limit:
+            raise InvalidImage(
+                f"section {s.name} has VirtualSize 0x{s.virtual_size:x}, far beyond its "
+                f"0x{s.raw_size:x} bytes of data"
+            )
+        if s.raw_size and cert_size and s.raw_offset < cert_offset + cert_size and (
+            cert_offset < s.raw_offset + s.raw_size
+        ):
+            raise InvalidImage(f"section {s.name} overlaps the certificate table")
+    _check_overlaps(
+        sorted((s for s in sections if s.raw_size), key=lambda s: s.raw_offset),
+        lambda s: (s.raw_offset, s.raw_size), "in the file",
+    )
+    _check_overlaps(
+        sorted((s for s in sections if s.virtual_size), key=lambda s: s.virtual_address),
+        lambda s: (s.virtual_address, s.virtual_size), "in memory",
+    )
+    return PeHeaders(
+        machine=pe.FILE_HEADER.Machine,
+        pe32_plus=pe32_plus,
+        subsystem=opt.Subsystem,
+        size_of_headers=size_of_headers,
+        size_of_image=opt.SizeOfImage,
+        checksum_offset=opt_start + 64,
+        cert_dir_offset=cert_dir_offset,
+        cert_table_offset=cert_offset,
+        cert_table_size=cert_size,
+        sections=sections,
+        file_size=size,
+    )
+
+
+def _section(raw, index: int) -> PeSection:
+    name_bytes: bytes = raw.Name
+    if name_bytes.startswith(b"/"):
+        raise InvalidImage(
+            f"section {index} has a long name ({name_bytes.rstrip(bytes(1))!r}); names over "
+            "8 bytes are not supported"
+        )
+    name_part, _, rest = name_bytes.partition(b"\0")
+    if rest.strip(b"\0"):
+        raise InvalidImage(f"section {index} has a malformed name {name_bytes!r}")
+    try:
+        name = name_part.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidImage(f"section {index} has a non-ASCII name {name_bytes!r}") from None
+    if not name.isprintable():
+        raise InvalidImage(f"section {index} has a non-printable name {name_bytes!r}")
+    return PeSection(
+        name=name,
+        index=index,
+        virtual_address=raw.VirtualAddress,
+        virtual_size=raw.Misc_VirtualSize,
+        raw_offset=raw.PointerToRawData,
+        raw_size=raw.SizeOfRawData,
+        characteristics=raw.Characteristics,
+    )
+
+
+def _check_overlaps(ordered: list[PeSection], extent, where: str) -> None:
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        start, length = extent(a)
+        if start + length > extent(b)[0]:
+            raise InvalidImage(f"section {a.name} overlaps section {b.name} {where}")

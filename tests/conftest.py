@@ -1,0 +1,45 @@
+"""Shared fixtures. Tiers are assigned by directory: tests/unit → `unit`,
+tests/integration → `integration`, tests/vm → `vm` (pytest -m selects them)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support import ukibuild  # noqa: E402
+
+TIERS = ("unit", "integration", "vm")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def debian_kernel() -> ukibuild.DebianKernel:
+    """Debian 12's cloud kernel (signed bzImage), downloaded once and cached."""
+    return ukibuild.debian_kernel()
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> dict[str, ukibuild.SigningKey]:
+    """Two unrelated self-signed code-signing keys: `db` (trusted) and `other`."""
+    d = tmp_path_factory.mktemp("keys")
+    return {
+        "db": ukibuild.make_signing_key(d, "db", "relaunchd test db"),
+        "other": ukibuild.make_signing_key(d, "other", "relaunchd other signer"),
+    }
+
+
+@pytest.fixture(scope="session")
+def real_ukis(tmp_path_factory, debian_kernel, keys) -> dict[str, Path]:
+    """The real UKIs of the test suite, built once per session (see ukibuild)."""
+    return ukibuild.build_test_set(tmp_path_factory.mktemp("ukis"), debian_kernel, keys)
