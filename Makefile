@@ -35,7 +35,8 @@ demo: setup
 	$(VPY) tests/support/demo.py
 
 bench: setup
-	$(VPY) benchmarks/inspect.py
+	$(VPY) -P benchmarks/inspect.py
+	$(VPY) benchmarks/check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache

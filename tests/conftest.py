@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import ukibuild  # noqa: E402
+from support import ukibuild
 
 TIERS = ("unit", "integration", "vm")
 

@@ -13,13 +13,15 @@ Memory stays at one chunk buffer however large the image is.
 
 from __future__ import annotations
 
+import mmap
 import os
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-CHUNK = 8 << 20
+CHUNK = 4 << 20
 _ZEROS = bytes(1 << 20)
 
 
@@ -47,34 +49,196 @@ def feed(fd: int, sinks: list[Sink], *, base: int = 0,
          progress: Callable[[int, int], None] | None = None,
          threads: int | None = None) -> None:
     """Read the ranges of all sinks from `fd` (offsets relative to `base`)
-    once, in file order, and update every sink's hash with its parts."""
+    once, in file order, and update every sink's hash with its parts.
+
+    Large sinks get a worker thread each, fed through a FIFO so their updates
+    stay in order; small sinks are updated inline. The file is mapped and
+    hashed in place (a pread copy costs as much as a SHA-256 pass here); at
+    most RING windows are in flight and each is dropped from our resident set
+    (MADV_DONTNEED) once every sink has consumed it, so memory stays bounded
+    however large the image."""
+    del threads  # one worker per large sink; kept for API stability
     if not sinks:
         return
     total = sum(n for s in sinks for _, n in s.ranges)
-    workers = threads or min(len(sinks), os.cpu_count() or 1)
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
+    windows = list(_windows(sinks))
+    workers = {i: _Worker(s.hasher) for i, s in enumerate(sinks)
+               if sum(n for _, n in s.ranges) >= INLINE_LIMIT}
+    source = _Source.open(fd, base, windows)
+    in_flight: list[_Window] = []
     cursor = [0] * len(sinks)   # index of each sink's current range
     done = 0
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for start, end in _windows(sinks):
-                length = end - start
-                got = os.preadv(fd, [view[:length]], base + start)
-                if got != length:
-                    raise OSError(f"short read at {start}: {got} of {length} bytes")
-                jobs = []
-                for i, sink in enumerate(sinks):
-                    parts = _parts_in(sink, cursor, i, start, end)
-                    if parts:
-                        jobs.append((sink.hasher, [view[a - start:b - start] for a, b in parts]))
-                        done += sum(b - a for a, b in parts)
-                _run(pool, jobs)
-                if progress:
-                    progress(done, total)
-            _run(pool, [(s.hasher, None, s.zero_fill) for s in sinks if s.zero_fill])
+        for number, (start, end) in enumerate(windows):
+            if len(in_flight) >= RING:
+                in_flight.pop(0).wait_free()
+            window = source.window(number, start, end)
+            in_flight.append(window)
+            jobs = []
+            for i, sink in enumerate(sinks):
+                parts = _parts_in(sink, cursor, i, start, end)
+                if not parts:
+                    continue
+                views = [window.view[a - start:b - start] for a, b in parts]
+                done += sum(b - a for a, b in parts)
+                if i in workers:
+                    jobs.append((workers[i], views))
+                else:
+                    for v in views:
+                        sink.hasher.update(v)
+                    for v in views:
+                        v.release()
+            window.hand_out(len(jobs))
+            for worker, views in jobs:
+                worker.submit(views, window)
+            if progress:
+                progress(done, total)
+        for i, sink in enumerate(sinks):
+            if sink.zero_fill:
+                target = workers.get(i)
+                if target:
+                    target.submit_zeros(sink.zero_fill)
+                else:
+                    _zeros(sink.hasher, sink.zero_fill)
     finally:
-        view.release()
+        for worker in workers.values():
+            worker.close()
+        for window in in_flight:
+            window.wait_free()
+        source.close()
+    errors = [w.error for w in workers.values() if w.error]
+    if errors:
+        raise errors[0]
+
+
+INLINE_LIMIT = 1 << 20   # sinks smaller than this are hashed by the reader itself
+RING = 4                 # windows in flight: bounds resident memory to RING * CHUNK
+
+
+class _Window:
+    """A chunk of the file, released (and dropped from RSS) once every worker
+    handed it is done with it."""
+
+    def __init__(self, view: memoryview, on_free: Callable[[], None]):
+        self.view = view
+        self._on_free = on_free
+        self._pending = 0
+        self._cond = threading.Condition()
+
+    def hand_out(self, users: int) -> None:
+        with self._cond:
+            self._pending = users
+        if users == 0:
+            self._free()
+
+    def release(self) -> None:
+        with self._cond:
+            self._pending -= 1
+            last = self._pending == 0
+        if last:
+            self._free()
+
+    def _free(self) -> None:
+        with self._cond:
+            if self.view is not None:
+                self.view.release()
+                self.view = None
+                self._on_free()
+            self._cond.notify_all()
+
+    def wait_free(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.view is None)
+
+
+class _Source:
+    """Windows of the file: views into one read-only mapping, or (for
+    descriptors that cannot be mapped) pread copies."""
+
+    def __init__(self, fd: int, base: int, mapping: mmap.mmap | None, map_start: int):
+        self.fd = fd
+        self.base = base
+        self.mapping = mapping
+        self.map_start = map_start
+        self._whole = memoryview(mapping) if mapping is not None else None
+
+    @classmethod
+    def open(cls, fd: int, base: int, windows: list[tuple[int, int]]) -> _Source:
+        if not windows:
+            return cls(fd, base, None, 0)
+        first = base + windows[0][0]
+        last = base + windows[-1][1]
+        map_start = first - first % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapping = mmap.mmap(fd, last - map_start, prot=mmap.PROT_READ,
+                                flags=mmap.MAP_SHARED, offset=map_start)
+        except (OSError, ValueError):
+            return cls(fd, base, None, 0)
+        return cls(fd, base, mapping, map_start)
+
+    def window(self, number: int, start: int, end: int) -> _Window:
+        del number
+        if self._whole is None:
+            buf = bytearray(end - start)
+            got = os.preadv(self.fd, [buf], self.base + start)
+            if got != end - start:
+                raise OSError(f"short read at {start}: {got} of {end - start} bytes")
+            return _Window(memoryview(buf), lambda: None)
+        lo = self.base + start - self.map_start
+        hi = self.base + end - self.map_start
+
+        def drop() -> None:
+            # Only whole pages inside the window; neighbours may still be in use.
+            page = mmap.PAGESIZE
+            a = -(-lo // page) * page
+            b = hi // page * page
+            if b > a:
+                self.mapping.madvise(mmap.MADV_DONTNEED, a, b - a)
+
+        return _Window(self._whole[lo:hi], drop)
+
+    def close(self) -> None:
+        if self._whole is not None:
+            self._whole.release()
+            self.mapping.close()
+
+
+class _Worker:
+    """A thread owning one hash; items arrive in file order through a FIFO."""
+
+    def __init__(self, hasher: Hash):
+        self.hasher = hasher
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def submit(self, views: list[memoryview], buf: _Window) -> None:
+        self._queue.put((views, buf))
+
+    def submit_zeros(self, count: int) -> None:
+        self._queue.put((count, None))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            payload, buf = item
+            try:
+                if self.error is None:
+                    if buf is None:
+                        _zeros(self.hasher, payload)
+                    else:
+                        for v in payload:
+                            self.hasher.update(v)
+                            v.release()
+            except BaseException as exc:  # reported by feed() after the join
+                self.error = exc
+            finally:
+                if buf is not None:
+                    buf.release()
 
 
 def _windows(sinks: list[Sink]):
@@ -110,21 +274,8 @@ def _parts_in(sink: Sink, cursor: list[int], i: int, start: int, end: int):
     return parts
 
 
-def _run(pool: ThreadPoolExecutor, jobs: list) -> None:
-    if not jobs:
-        return
-    if len(jobs) == 1:
-        _apply(*jobs[0])
-        return
-    for future in [pool.submit(_apply, *job) for job in jobs]:
-        future.result()
-
-
-def _apply(hasher: Hash, views, zeros: int = 0) -> None:
-    if views is not None:
-        for v in views:
-            hasher.update(v)
-    while zeros > 0:
-        step = min(zeros, len(_ZEROS))
-        hasher.update(_ZEROS[:step] if step < len(_ZEROS) else _ZEROS)
-        zeros -= step
+def _zeros(hasher: Hash, count: int) -> None:
+    while count > 0:
+        step = min(count, len(_ZEROS))
+        hasher.update(memoryview(_ZEROS)[:step])
+        count -= step

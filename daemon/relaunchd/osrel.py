@@ -1,4 +1,4 @@
-"""os-release / env-block parsing (os-release(5)), used for `.osrel` and `.profile`.
+r"""os-release / env-block parsing (os-release(5)), used for `.osrel` and `.profile`.
 
 Lines are `KEY=value`; values may be quoted with '"' or "'" and use
 backslash escapes for `\\ \" \' \$ \``; `#` starts a comment line; blank lines

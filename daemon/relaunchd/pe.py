@@ -11,6 +11,7 @@ uki.md §1.1).
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ IMAGE_DIRECTORY_ENTRY_SECURITY = 4
 MAX_IMAGE_SIZE = 4 << 30          # kexec_file_load takes at most 4 GiB per file
 MAX_HEADER_BYTES = 1 << 20        # section table of 256 profiles fits easily
 MAX_SECTIONS = 4096
+MAX_OPTIONAL_HEADER = 1024        # 240 for PE32+ with 16 data directories
 MIN_ZERO_FILL_LIMIT = 64 << 20    # VirtualSize beyond the raw data, at least this is allowed
 
 
@@ -117,6 +119,9 @@ def parse_headers(image: FileRange) -> PeHeaders:
         raise InvalidImage("not a PE image (no PE signature)")
     nsections, = struct.unpack_from("<H", coff, 6)
     opt_size, = struct.unpack_from("<H", coff, 20)
+    if not 96 <= opt_size <= MAX_OPTIONAL_HEADER:
+        raise InvalidImage(f"optional header size {opt_size} is implausible for a PE image "
+                           "(malformed section table location)")
     if nsections == 0:
         raise InvalidImage("PE image has no sections")
     if nsections > MAX_SECTIONS:
@@ -129,7 +134,15 @@ def parse_headers(image: FileRange) -> PeHeaders:
     header_bytes = image.pread(0, table_end)
     pe = _pefile(header_bytes)
     try:
-        return _validate(pe, image, e_lfanew, opt_size)
+        # The section table is read here, not from pefile: given only the
+        # headers, pefile silently stops listing sections after a few
+        # "beyond the end of the file" warnings.
+        table = e_lfanew + 24 + opt_size
+        sections = tuple(
+            _section(header_bytes[table + 40 * i: table + 40 * (i + 1)], i)
+            for i in range(nsections)
+        )
+        return _validate(pe, image, e_lfanew, opt_size, sections)
     finally:
         pe.close()
 
@@ -146,7 +159,8 @@ def _pefile(header_bytes: bytes):
         raise InvalidImage(f"malformed PE headers: {exc}") from None
 
 
-def _validate(pe, image: FileRange, e_lfanew: int, opt_size: int) -> PeHeaders:
+def _validate(pe, image: FileRange, e_lfanew: int, opt_size: int,
+              sections: tuple[PeSection, ...]) -> PeHeaders:
     size = image.length
     opt = getattr(pe, "OPTIONAL_HEADER", None)
     if opt is None:
@@ -174,7 +188,6 @@ def _validate(pe, image: FileRange, e_lfanew: int, opt_size: int) -> PeHeaders:
     if size_of_headers > size:
         raise InvalidImage(f"SizeOfHeaders 0x{size_of_headers:x} is beyond the end of the file")
 
-    sections = tuple(_section(s, i) for i, s in enumerate(pe.sections))
     zero_fill_limit = max(MIN_ZERO_FILL_LIMIT, size)
     for s in sections:
         if s.raw_size and s.raw_offset + s.raw_size > size:
@@ -214,8 +227,11 @@ def _validate(pe, image: FileRange, e_lfanew: int, opt_size: int) -> PeHeaders:
     )
 
 
-def _section(raw, index: int) -> PeSection:
-    name_bytes: bytes = raw.Name
+def _section(raw: bytes, index: int) -> PeSection:
+    """One 40-byte IMAGE_SECTION_HEADER (PE/COFF spec §3.1)."""
+    name_bytes = raw[:8]
+    vsize, va, raw_size, raw_offset = struct.unpack_from("<IIII", raw, 8)
+    characteristics, = struct.unpack_from("<I", raw, 36)
     if name_bytes.startswith(b"/"):
         raise InvalidImage(
             f"section {index} has a long name ({name_bytes.rstrip(bytes(1))!r}); names over "
@@ -233,16 +249,72 @@ def _section(raw, index: int) -> PeSection:
     return PeSection(
         name=name,
         index=index,
-        virtual_address=raw.VirtualAddress,
-        virtual_size=raw.Misc_VirtualSize,
-        raw_offset=raw.PointerToRawData,
-        raw_size=raw.SizeOfRawData,
-        characteristics=raw.Characteristics,
+        virtual_address=va,
+        virtual_size=vsize,
+        raw_offset=raw_offset,
+        raw_size=raw_size,
+        characteristics=characteristics,
     )
 
 
 def _check_overlaps(ordered: list[PeSection], extent, where: str) -> None:
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         start, length = extent(a)
         if start + length > extent(b)[0]:
             raise InvalidImage(f"section {a.name} overlaps section {b.name} {where}")
+
+
+def authenticode_ranges(headers: PeHeaders) -> list[tuple[int, int]]:
+    """The (offset, length) ranges the Authenticode digest covers, ascending.
+
+    uki.md §3.1 / Authenticode PE spec: the headers up to SizeOfHeaders without
+    the CheckSum and the certificate-table directory entry; each section with
+    SizeOfRawData > 0 in PointerToRawData order; then the bytes from
+    SUM_OF_BYTES_HASHED (SizeOfHeaders + every SizeOfRawData) to the end of
+    the file minus the certificate table. The spec, the kernel's
+    verify_pefile.c and sbsigntool all start the tail at that sum rather than
+    at the end of the last section; with contiguous sections (every image we
+    have seen) both are the same. Layouts where they differ would hash bytes
+    twice or out of order, which one streaming pass cannot do: refused.
+
+    The spec assumes the table is last in the file. If it is not, we leave out
+    exactly the table's bytes and hash the rest (the signature can cover
+    everything but itself); sbverify would instead hash up to
+    file_len - table_size, so such a file can get different verdicts.
+    """
+    size = headers.size_of_headers
+    checksum, cert_dir = headers.checksum_offset, headers.cert_dir_offset
+    if not (checksum + 4 <= cert_dir and cert_dir + 8 <= size):
+        raise InvalidImage(
+            "PE CheckSum and certificate directory are not inside SizeOfHeaders; "
+            "cannot compute the Authenticode digest")
+    ranges = [(0, checksum), (checksum + 4, cert_dir - checksum - 4),
+              (cert_dir + 8, size - cert_dir - 8)]
+    sections = sorted((s for s in headers.sections if s.raw_size), key=lambda s: s.raw_offset)
+    ranges += [(s.raw_offset, s.raw_size) for s in sections]
+    hashed = size + sum(s.raw_size for s in sections)   # SUM_OF_BYTES_HASHED
+    if sections and hashed < sections[-1].raw_offset + sections[-1].raw_size:
+        raise InvalidImage(
+            "PE sections leave gaps in the file; the Authenticode tail would overlap "
+            "section data (unsupported layout)")
+    table_start = headers.cert_table_offset
+    table_end = table_start + headers.cert_table_size
+    if headers.cert_table_size and table_start < hashed:
+        raise InvalidImage(
+            f"certificate table at 0x{table_start:x} lies inside the signed part of the image")
+    if not headers.cert_table_size:
+        ranges.append((hashed, headers.file_size - hashed))
+    else:
+        ranges.append((hashed, table_start - hashed))
+        ranges.append((table_end, headers.file_size - table_end))
+    ranges = [(off, n) for off, n in ranges if n > 0]
+    end = 0
+    for off, n in ranges:
+        if off < end:
+            raise InvalidImage(
+                f"PE layout overlaps at 0x{off:x} (SizeOfHeaders 0x{size:x} reaches into "
+                "the sections?); cannot compute the Authenticode digest")
+        end = off + n
+    if end > headers.file_size:
+        raise InvalidImage("Authenticode ranges extend beyond the end of the file")
+    return ranges

@@ -123,12 +123,6 @@ class SigningKey:
     cert: Path  # PEM
     subject: str
 
-    @property
-    def cert_der(self) -> bytes:
-        return run(
-            ["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], text=False
-        ).stdout
-
 
 def make_signing_key(directory: Path, name: str, cn: str) -> SigningKey:
     """A self-signed RSA-2048 code-signing certificate, like a UEFI db entry."""
@@ -268,7 +262,8 @@ def systemd_measure(sections: dict[str, Path], banks: list[str],
     result: dict[str, dict[str, str]] = {}
     for bank, entries in json.loads(run(cmd).stdout).items():
         for entry in entries:
-            phase = "" if entry["phase"] == ":" else entry["phase"]
+            phase = entry.get("phase", "")
+            phase = "" if phase == ":" else phase
             result.setdefault(phase, {})[bank.lower()] = entry["hash"].lower()
     return result
 

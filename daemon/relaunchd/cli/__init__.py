@@ -29,14 +29,16 @@ EXIT_INTERNAL = 3
 COMMANDS = ("inspect", "verify", "check")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or — when the command is known from argv — one with only
+    that command, so `relaunchctl inspect` does not import the probe layer."""
     parser = argparse.ArgumentParser(
         prog="relaunchctl",
         description="Inspect, verify and relaunch into Unified Kernel Images.",
     )
     parser.add_argument("--version", action="version", version=f"relaunchctl {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in (only,) if only else COMMANDS:
         try:
             module = importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as exc:
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -1,0 +1,41 @@
+"""`relaunchctl verify`: exit 0 only if a signature verifies against a given cert."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import EXIT_FAILED, EXIT_OK
+from .output import print_json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "verify", help="verify a UKI's Authenticode signature against certificates",
+        description="Exit 0 if a signature of IMAGE verifies against one of the "
+                    "certificates, 1 if not, 2 if the image or a certificate is invalid.")
+    parser.add_argument("image", metavar="IMAGE")
+    parser.add_argument("--cert", action="append", required=True, metavar="FILE",
+                        help="trusted certificate, PEM or DER (repeatable)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="accept an IMAGE that is a symbolic link")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .. import authenticode
+    from ..uki import open_image
+
+    trusted = authenticode.load_certificates(args.cert)
+    with open_image(args.image, follow_symlinks=args.follow_symlinks) as image:
+        report = authenticode.verify_file(image.fd, image.headers, trusted)
+    if args.json:
+        print_json({"path": args.image, **dataclasses.asdict(report)})
+    elif report.verified:
+        print(f"{args.image}: signature OK, signed by {report.verified_by}")
+    else:
+        why = "; ".join(report.reasons) or "no signature verifies"
+        print(f"{args.image}: verification FAILED: {why}")
+    return EXIT_OK if report.verified else EXIT_FAILED
