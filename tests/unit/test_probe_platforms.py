@@ -1,0 +1,200 @@
+"""Verdicts and reason ids for each platform fixture (tests/fixtures/platforms/)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fixtures.platforms.build import materialize, names
+from relaunchd import probe
+from relaunchd.sysfs import SysRoot
+
+# fixture -> method -> (ready, exact set of reason ids)
+EXPECTED = {
+    "intel-txt-server": {
+        "txt": (True, set()),
+        "skinit": (False, {"cpu-not-amd"}),
+        "kexec": (True, set()),
+    },
+    "intel-laptop-ptt": {
+        "txt": (False, {"tpm-crb", "sinit-acm-missing"}),
+        "skinit": (False, {"cpu-not-amd"}),
+        "kexec": (True, set()),
+    },
+    "amd-epyc-skinit": {
+        "txt": (False, {"cpu-not-intel"}),
+        "skinit": (True, set()),
+        "kexec": (True, set()),
+    },
+    "vm-no-tpm": {
+        "txt": (False, {"cpu-no-smx", "tpm-missing"}),
+        "skinit": (False, {"cpu-not-amd", "tpm-missing"}),
+        "kexec": (False, {"tpm-missing"}),
+    },
+    "secureboot-lockdown": {
+        "txt": (False, {"txt-regs-unreadable", "sinit-acm-unverified", "lockdown-kexec-load"}),
+        "skinit": (False, {"cpu-not-amd", "lockdown-kexec-load"}),
+        "kexec": (True, set()),
+    },
+    "txt-error": {
+        "txt": (False, {"txt-reset-sticky", "txt-error"}),
+        "skinit": (False, {"cpu-not-amd"}),
+        "kexec": (True, set()),
+    },
+}
+BEST = {"intel-txt-server": "txt", "intel-laptop-ptt": "kexec", "amd-epyc-skinit": "skinit",
+        "vm-no-tpm": None, "secureboot-lockdown": "kexec", "txt-error": "kexec"}
+
+
+def test_every_fixture_has_expectations():
+    assert set(names()) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_verdicts_and_reasons(name, tmp_path):
+    report = probe.probe(probe.ProbeConfig(root=str(materialize(name, tmp_path))))
+    for method, (ready, reasons) in EXPECTED[name].items():
+        v = report.verdicts[method]
+        assert (v.ready, {c.id for c in v.reasons}) == (ready, reasons), method
+        for c in v.reasons:
+            assert c.message and c.remedy, c
+    assert report.best == BEST[name]
+    for fact in report.facts.values():
+        assert fact.path.startswith("/") or fact.path.startswith("tcti:")
+
+
+def test_server_facts(tmp_path):
+    report = probe.probe(probe.ProbeConfig(root=str(materialize("intel-txt-server", tmp_path))))
+    f = report.facts
+    assert f["txt.acm_match"].value == "/boot/SPR_SINIT_v1.2.BIN"
+    acms = {a["path"]: a for a in f["txt.acms"].value}
+    assert acms["/boot/ADL_SINIT_v1.0.BIN"]["chipset_match"] is False
+    assert f["txt.registers"].path == "/dev/mem"
+    assert f["txt.registers"].value["chipset"]["device_id"] == "0xb005"
+    assert f["txt.dlme"].value is False
+    assert f["cpu.feature_control"].value["senter_global"] is True
+    assert (f["tpm.version"].value, f["tpm.interface"].value) == (2, "tis")
+    assert f["tpm.banks"].value == ["sha1", "sha256"]
+    assert f["iommu.units"].value == ["dmar0", "dmar1"]
+    assert f["kernel.lockdown"].value == "none"
+    assert f["cpus.offlinable"].value == [1, 2, 3]
+    assert f["boot.firmware"].value == "uefi" and f["boot.secure_boot"].value is False
+
+
+def test_txt_error_is_decoded(tmp_path):
+    report = probe.probe(probe.ProbeConfig(root=str(materialize("txt-error", tmp_path))))
+    err = next(c for c in report.verdicts["txt"].reasons if c.id == "txt-error")
+    assert "0xc0008011" in err.message and "HEAP_INVALID_DMAR" in err.message
+    assert "power" in next(c for c in report.verdicts["txt"].reasons
+                           if c.id == "txt-reset-sticky").remedy
+
+
+def _recording(monkeypatch) -> list[str]:
+    opened: list[str] = []
+    real = SysRoot._open
+
+    def spy(self, path, allow_chardev=False):
+        opened.append(path)
+        return real(self, path, allow_chardev)
+
+    monkeypatch.setattr(SysRoot, "_open", spy)
+    return opened
+
+
+def test_lockdown_does_not_touch_devmem(tmp_path, monkeypatch):
+    root = materialize("secureboot-lockdown", tmp_path)
+    assert os.path.exists(root / "dev/mem")      # there, but lockdown means the kernel refuses
+    opened = _recording(monkeypatch)
+    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    assert "/dev/mem" not in opened
+    assert report.facts["txt.registers"].error == "permission"
+    assert report.facts["boot.secure_boot"].value is True
+
+
+@pytest.mark.parametrize("name", ["vm-no-tpm", "amd-epyc-skinit"])
+def test_no_smx_no_devmem_no_feature_control(name, tmp_path, monkeypatch):
+    root = materialize(name, tmp_path)
+    (root / "dev").mkdir(exist_ok=True)
+    (root / "dev/mem").write_bytes(b"")
+    opened = _recording(monkeypatch)
+    probe.probe(probe.ProbeConfig(root=str(root)))
+    assert "/dev/mem" not in opened
+    # AMD reads VM_CR (it has svm); nobody without SMX reads IA32_FEATURE_CONTROL.
+    assert name == "amd-epyc-skinit" or "/dev/cpu/0/msr" not in opened
+
+
+def test_unreadable_facts_are_unknown_not_ready(tmp_path):
+    root = materialize("intel-txt-server", tmp_path)
+    os.remove(root / "dev/cpu/0/msr")           # msr module not loaded
+    (root / "proc/sys/kernel/kexec_load_disabled").write_text("maybe\n")
+    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    txt = report.verdicts["txt"]
+    assert not txt.ready
+    unknown = {c.id for c in txt.checks if c.ok is None}
+    assert unknown == {"feature-control-unreadable", "kexec-disabled-unknown"}
+    assert report.facts["cpu.feature_control"].error == "not-present"
+    assert report.facts["kexec.load_disabled"].error == "garbage"
+
+
+def test_variations(tmp_path):
+    root = materialize("intel-txt-server", tmp_path)
+    (root / "proc/cmdline").write_text("root=/dev/sda1 iommu=pt quiet\n")
+    (root / "proc/sys/kernel/kexec_load_disabled").write_text("1\n")
+    (root / "sys/kernel/reboot/cpu").write_text("2\n")
+    os.remove(root / "usr/lib/relaunchd/txt-dl-handler.bin")
+    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    assert {c.id for c in report.verdicts["txt"].reasons} == {
+        "iommu-passthrough", "kexec-disabled", "reboot-cpu-not-0", "dl-handler-missing"}
+    assert {c.id for c in report.verdicts["kexec"].reasons} == {"kexec-disabled"}
+
+
+def test_acm_mismatch_and_fuse(tmp_path):
+    root = materialize("intel-txt-server", tmp_path)
+    os.remove(root / "boot/SPR_SINIT_v1.2.BIN")
+    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    [reason] = [c for c in report.verdicts["txt"].reasons]
+    assert reason.id == "sinit-acm-mismatch" and "8086:b005" in reason.message
+    from fixtures.platforms.build import build_acm
+    (root / "boot/dbg_sinit.bin").write_bytes(build_acm(did=0xB005, rid=1, debug=1))
+    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    assert [c.id for c in report.verdicts["txt"].reasons] == ["sinit-acm-fuse-mismatch"]
+    (root / "boot/broken_SINIT.BIN").write_bytes(b"not an acm")
+    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    broken = next(a for a in report.facts["txt.acms"].value if "broken" in a["path"])
+    assert broken["error"].startswith("InvalidAcm")
+
+
+def test_kexec_without_file_load_and_lockdown_without_sig(tmp_path):
+    root = materialize("vm-no-tpm", tmp_path)
+    cfg = root / "boot/config-6.1.0-28-cloud-amd64"
+    cfg.write_text(cfg.read_text().replace("CONFIG_KEXEC_FILE=y", "# CONFIG_KEXEC_FILE is not set")
+                   .replace("CONFIG_KEXEC_SIG=y", "# CONFIG_KEXEC_SIG is not set"))
+    (root / "sys/kernel/security/lockdown").write_text("none [integrity] confidentiality\n")
+    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    assert {c.id for c in report.verdicts["kexec"].reasons} == {
+        "kexec-file-unsupported", "lockdown-unsigned-kexec", "tpm-missing"}
+
+
+def test_no_kernel_config_no_kexec(tmp_path):
+    root = materialize("vm-no-tpm", tmp_path)
+    os.remove(root / "boot/config-6.1.0-28-cloud-amd64")
+    os.remove(root / "sys/kernel/kexec_loaded")
+    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    assert "kexec-unsupported" in {c.id for c in report.verdicts["kexec"].reasons}
+    assert report.facts["kernel.config"].error == "not-present"
+
+
+def test_arm_and_empty_root(tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text(
+        "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n\n")
+    report = probe.probe(probe.ProbeConfig(root=str(tmp_path)))
+    for m in ("txt", "skinit"):
+        assert "arch-unsupported" in {c.id for c in report.verdicts[m].reasons}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    report = probe.probe(probe.ProbeConfig(root=str(empty)))
+    assert report.best is None
+    assert "cpu-unknown" in {c.id for c in report.verdicts["txt"].reasons}
+    assert report.facts["cpu.vendor"].error == "not-present"
