@@ -27,7 +27,8 @@ METHODS = ("txt", "skinit", "kexec")
 MSR_DEV = "/dev/cpu/0/msr"
 MSR_FEATURE_CONTROL = 0x3A    # IA32_FEATURE_CONTROL (drtm.md §3.1)
 MSR_VM_CR = 0xC0010114        # AMD VM_CR: bit3 LOCK, bit4 SVMDIS (AMD APM vol. 2, §15.30.1)
-EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-e398efb36d4f"
+# EFI_GLOBAL_VARIABLE (UEFI 2.10 §3.3): {0x8BE4DF61,0x93CA,0x11D2,{0xAA,0x0D,0x00,0xE0,0x98,0x03,0x2B,0x8C}}
+EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 CONFIG_KEYS = ("KEXEC", "KEXEC_FILE", "KEXEC_SIG", "KEXEC_SIG_FORCE", "SECURE_LAUNCH",
                "SECURITY_LOCKDOWN_LSM", "LOCK_DOWN_KERNEL_FORCE_INTEGRITY",
                "LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY", "LOCK_DOWN_IN_EFI_SECURE_BOOT",
@@ -241,13 +242,17 @@ def _efi(ctx: _Ctx) -> None:
     if not uefi:
         return
     for fact, var in (("boot.secure_boot", "SecureBoot"), ("boot.setup_mode", "SetupMode")):
-        raw = ctx.root.read_bytes(f"/sys/firmware/efi/efivars/{var}-{EFI_GLOBAL}", limit=64)
-        if not raw.ok or raw.value is None:
-            ctx.add(fact, Read(raw.path, error=raw.error, detail=raw.detail))
-        elif len(raw.value) != 5:   # u32 attributes + one u8 (UEFI 2.10 §3.3, efivarfs)
-            ctx.add(fact, Read(raw.path, error="garbage", detail=f"{len(raw.value)} bytes"))
-        else:
-            ctx.add(fact, Read(raw.path, raw.value[4] == 1))
+        ctx.add(fact, read_efi_bool(ctx.root, var))
+
+
+def read_efi_bool(root: SysRoot, var: str) -> Read:
+    """A one-byte boolean UEFI global variable (SecureBoot, SetupMode) from efivarfs."""
+    raw = root.read_bytes(f"/sys/firmware/efi/efivars/{var}-{EFI_GLOBAL}", limit=64)
+    if not raw.ok or raw.value is None:
+        return Read(raw.path, error=raw.error, detail=raw.detail)
+    if len(raw.value) != 5:   # u32 attributes + one u8 (UEFI 2.10 §3.3, efivarfs)
+        return Read(raw.path, error="garbage", detail=f"{len(raw.value)} bytes")
+    return Read(raw.path, raw.value[4] == 1)
 
 
 def _lockdown(ctx: _Ctx) -> None:

@@ -6,7 +6,7 @@ dispatches, prints named errors and maps them to the documented exit codes.
 
 Exit codes (stable, see docs/relaunchctl.md):
   0  success
-  1  verification failed / not ready (a clean "no")
+  1  a clean "no": verification failed, not ready, kexec refused or unsupported
   2  invalid input or usage (bad image, bad arguments, unreadable file)
   3  internal error (a bug: please report it)
 """
@@ -18,7 +18,7 @@ import importlib
 import sys
 
 from .. import __version__
-from ..errors import RelaunchError, VerificationFailed
+from ..errors import KexecFailed, NotReady, RelaunchError, Unsupported, VerificationFailed
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -26,7 +26,7 @@ EXIT_INVALID = 2
 EXIT_INTERNAL = 3
 
 # Command modules, in the order `--help` lists them.
-COMMANDS = ("inspect", "verify", "check")
+COMMANDS = ("inspect", "verify", "check", "stage")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID
     try:
         return args.func(args)
-    except VerificationFailed as exc:
+    except (VerificationFailed, NotReady, KexecFailed, Unsupported) as exc:
         print(f"relaunchctl: {exc.name}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except RelaunchError as exc:

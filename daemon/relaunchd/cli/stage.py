@@ -1,0 +1,117 @@
+"""`relaunchctl stage` and `relaunchctl unload` (local, without the daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import InvalidArgument
+from . import EXIT_OK
+from .output import human_size, print_json, progress_printer
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "stage", help="verify a UKI and load it for the next relaunch",
+        description="Copy IMAGE into sealed memory, verify its signature, build the kernel, "
+                    "initrd and command line as systemd-stub would, and load them with "
+                    "kexec_file_load (or write them out with --dry-run).")
+    parser.add_argument("image", metavar="IMAGE")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build and verify everything but load nothing")
+    parser.add_argument("--output", metavar="DIR",
+                        help="with --dry-run: write kernel, initrd, cmdline, plan.json here")
+    parser.add_argument("--method", choices=("kexec", "txt", "skinit"), default="kexec")
+    parser.add_argument("--profile", type=int, metavar="N")
+    parser.add_argument("--cert", action="append", default=[], metavar="FILE",
+                        help="trusted certificate (PEM/DER, repeatable); the image must "
+                             "verify against one")
+    parser.add_argument("--insecure-allow-unsigned", action="store_true",
+                        help="stage without signature verification (testing only)")
+    parser.add_argument("--cmdline", metavar="TEXT",
+                        help="custom command line (ignored under Secure Boot when the UKI "
+                             "has .cmdline, as systemd-stub does)")
+    parser.add_argument("--append", action="append", default=[], metavar="ARG",
+                        help="extra kernel argument (repeatable)")
+    parser.add_argument("--image-dir", action="append", default=[], metavar="DIR",
+                        help="allowed image directory (repeatable; default: /boot, /efi, "
+                             "/boot/efi, /usr/lib/kernel, /var/lib/relaunchd/images)")
+    parser.add_argument("--follow-symlinks", action="store_true")
+    parser.add_argument("--root", default="/", metavar="DIR",
+                        help="platform root prefix (tests)")
+    parser.set_defaults(func=run_stage)
+
+    unload = subparsers.add_parser("unload", help="unload a staged kexec image",
+                                   description="Unload the kexec image loaded for the next "
+                                               "relaunch (KEXEC_FILE_UNLOAD).")
+    unload.add_argument("--json", action="store_true")
+    unload.add_argument("--root", default="/", metavar="DIR")
+    unload.set_defaults(func=run_unload)
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    from .. import sealed, staging
+    from ..sysfs import SysRoot
+
+    if args.output and not args.dry_run:
+        raise InvalidArgument("--output needs --dry-run")
+    trusted = []
+    if args.cert:
+        from .. import authenticode
+
+        trusted = authenticode.load_certificates(args.cert)
+    options = staging.StageOptions(
+        method=args.method, profile=args.profile, custom_cmdline=args.cmdline,
+        append=args.append, trusted=trusted, allow_unsigned=args.insecure_allow_unsigned,
+        root=SysRoot(args.root))
+    if args.image_dir:
+        options.policy = sealed.ImagePolicy(tuple(args.image_dir), args.follow_symlinks)
+    elif args.follow_symlinks:
+        options.policy = sealed.ImagePolicy(staging.DEFAULT_IMAGE_DIRS, True)
+    show = progress_printer(f"staging {args.image}")
+    staged = staging.prepare(args.image, options,
+                             progress=(lambda _step, d, t: show(d, t)) if show else None)
+    try:
+        written: list[str] = []
+        if args.dry_run:
+            if args.output:
+                written = staging.write_artifacts(staged, args.output)
+        else:
+            staging.load(staged, options.root)
+        plan = staged.plan()
+        plan["loaded"] = not args.dry_run
+        plan["written"] = written
+        if args.json:
+            print_json(plan)
+        else:
+            verb = "verified (dry run, nothing loaded)" if args.dry_run else "staged"
+            print(f"{args.image}: {verb}, id {staged.id}")
+            print(f"  kernel   {human_size(staged.kernel.size)}  sha256 {staged.kernel.sha256}")
+            if staged.initrd:
+                print(f"  initrd   {human_size(staged.initrd.size)}  sha256 "
+                      f"{staged.initrd.sha256}  ({', '.join(staged.initrd_parts)})")
+            else:
+                print("  initrd   none")
+            print(f"  cmdline  {staged.cmdline.text}")
+            for note in plan["notes"]:
+                print(f"  note: {note}", file=sys.stderr)
+            for path in written:
+                print(f"  wrote {path}")
+        return EXIT_OK
+    finally:
+        staged.close()
+
+
+def run_unload(args: argparse.Namespace) -> int:
+    from .. import staging
+    from ..sysfs import SysRoot
+
+    root = SysRoot(args.root)
+    was = staging.loaded(root)
+    staging.unload(root)
+    if args.json:
+        print_json({"unloaded": True, "was_loaded": was})
+    else:
+        print("kexec image unloaded" if was else "nothing was loaded")
+    return EXIT_OK

@@ -1,0 +1,104 @@
+"""Sealed memfds: what was verified is what gets loaded (platform layer).
+
+Staging opens the image once, copies it into a memfd and seals it
+(F_SEAL_WRITE|F_SEAL_GROW|F_SEAL_SHRINK|F_SEAL_SEAL) before anything is
+parsed or verified; the kernel and initrd given to kexec are memfds built
+from that copy and sealed too. Replacing or rewriting the file on disk after
+this point changes nothing. Copies run in the kernel (sendfile), never
+through Python buffers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+
+from .errors import InvalidImage
+
+SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Where images may come from. Each allowed directory is trusted as
+    configured; below it, nothing on the path may be writable by non-root."""
+
+    allowed_dirs: tuple[str, ...]
+    follow_symlinks: bool = False
+
+
+def check_location(path: str, policy: ImagePolicy) -> str:
+    """The resolved path if it lies inside an allowed directory and no
+    component below that directory is writable by anyone but root."""
+    real = os.path.realpath(path)
+    if not policy.follow_symlinks and os.path.islink(path):
+        raise InvalidImage(f"{path}: is a symbolic link (refused)")
+    for allowed in policy.allowed_dirs:
+        base = os.path.realpath(allowed)
+        if real == base or not real.startswith(base.rstrip("/") + "/"):
+            continue
+        current = real
+        while True:
+            try:
+                st = os.lstat(current)
+            except OSError as exc:
+                raise InvalidImage(f"{path}: cannot check {current}: {exc.strerror}") from None
+            if st.st_uid != 0:
+                raise InvalidImage(f"{path}: {current} is owned by uid {st.st_uid}, not root")
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise InvalidImage(f"{path}: {current} is writable by non-root users")
+            if current == base:
+                return real
+            current = os.path.dirname(current)
+    raise InvalidImage(f"{path}: not inside an allowed image directory "
+                       f"({', '.join(policy.allowed_dirs) or 'none configured'})")
+
+
+def create(name: str) -> int:
+    return os.memfd_create(f"relaunchd:{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+def seal(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+
+
+def is_sealed(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+    except OSError:
+        return False
+
+
+def copy_range(src_fd: int, offset: int, length: int, dst_fd: int) -> None:
+    """Append [offset, offset+length) of src to dst, in the kernel."""
+    while length:
+        sent = os.sendfile(dst_fd, src_fd, offset, min(length, 1 << 30))
+        if sent <= 0:
+            raise InvalidImage(f"file shrank while copying (at offset {offset})")
+        offset += sent
+        length -= sent
+
+
+def sealed_copy(src_fd: int, name: str, expected_size: int | None = None) -> int:
+    """A sealed memfd holding the whole of `src_fd` as it is now."""
+    size = os.fstat(src_fd).st_size
+    if expected_size is not None and size != expected_size:
+        raise InvalidImage(f"{name}: changed size while staging")
+    fd = create(name)
+    try:
+        try:
+            copy_range(src_fd, 0, size, fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise InvalidImage(f"{name}: no memory for a {size}-byte copy") from None
+            raise
+        if os.fstat(fd).st_size != size:
+            raise InvalidImage(f"{name}: copy is incomplete")
+        seal(fd)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise

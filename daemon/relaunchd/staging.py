@@ -1,0 +1,279 @@
+"""Staging: turn a UKI on disk into sealed kernel/initrd/cmdline ready for kexec.
+
+The order is the point (DESIGN "The relaunch, end to end", step 1):
+1. check where the file lives (allowed directory, nothing writable by
+   non-root below it), open it without following links;
+2. copy it once into a sealed memfd — from here on only that copy is used;
+3. parse, hash and verify the copy in one pass (`imageinfo`), refusing an
+   image whose signature does not verify against the configured trust;
+4. cut the kernel (`.linux`, trimmed per uki.md §3.3) and build the initrd
+   (`initrd`) and command line (`cmdline`) as systemd-stub would, each into
+   its own sealed memfd.
+
+`load()` then hands them to the kernel; `write_artifacts()` writes them out
+for `--dry-run`. A failure at any step closes everything opened so far and
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import cmdline as cmdline_rules
+from . import hashing, initrd, kexec, pe, sealed, uki
+from .errors import InvalidArgument, InvalidImage, KexecFailed, VerificationFailed
+from .imageinfo import ImageReport, inspect_image
+from .sysfs import SysRoot
+
+DEFAULT_IMAGE_DIRS = ("/boot", "/efi", "/boot/efi", "/usr/lib/kernel", "/var/lib/relaunchd/images")
+ID_ARGUMENT = "relaunchd.id"
+X86_HDRS_OFFSET = 0x202
+X86_CMDLINE_SIZE_OFFSET = 0x238    # setup header, boot protocol >= 2.06
+
+
+@dataclass
+class StageOptions:
+    method: str = "kexec"
+    profile: int | None = None
+    custom_cmdline: str | None = None
+    append: list[str] = field(default_factory=list)
+    trusted: list = field(default_factory=list)      # authenticode.load_certificates()
+    allow_unsigned: bool = False                     # explicit, insecure
+    policy: sealed.ImagePolicy = field(
+        default_factory=lambda: sealed.ImagePolicy(DEFAULT_IMAGE_DIRS))
+    relaunch_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    add_id_argument: bool = True
+    banks: tuple[str, ...] = ("sha256",)
+    root: SysRoot = field(default_factory=SysRoot)
+
+
+@dataclass
+class Blob:
+    """A sealed memfd and what it holds."""
+
+    name: str
+    fd: int
+    size: int
+    sha256: str
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class StagedImage:
+    id: str
+    source: str
+    method: str
+    report: ImageReport
+    image: Blob
+    kernel: Blob
+    initrd: Blob | None
+    initrd_parts: list[str]
+    cmdline: cmdline_rules.Cmdline
+    notes: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for blob in (self.image, self.kernel, self.initrd):
+            if blob is not None:
+                blob.close()
+
+    def plan(self) -> dict:
+        """What `plan.json` records: every artefact with size and digest, the
+        method, the PCR 11 predictions of the image."""
+        report = self.report.to_json()
+        return {
+            "id": self.id,
+            "source": self.source,
+            "method": self.method,
+            "profile": report["profile"],
+            "image": {"size": self.image.size},
+            "kernel": {"size": self.kernel.size, "sha256": self.kernel.sha256},
+            "initrd": ({"size": self.initrd.size, "sha256": self.initrd.sha256,
+                        "parts": self.initrd_parts} if self.initrd else None),
+            "cmdline": self.cmdline.text,
+            "signature": report["signature"],
+            "pcr11": report["pcr11"],
+            "pcr11_phases": report["pcr11_phases"],
+            "notes": self.notes + self.cmdline.notes,
+        }
+
+
+def prepare(path: str, options: StageOptions,
+            progress: Callable[[str, int, int], None] | None = None) -> StagedImage:
+    if options.method != "kexec":
+        raise InvalidArgument(f"launch method {options.method!r} is not available yet; "
+                              "use --method kexec")
+    opened: list[Blob] = []
+    try:
+        image_blob = _sealed_image(path, options)
+        opened.append(image_blob)
+        with uki.from_fd(image_blob.fd, path) as image:
+            report = inspect_image(
+                image, profile=options.profile, banks=options.banks, trusted=options.trusted,
+                progress=(lambda d, t: progress("verifying", d, t)) if progress else None)
+            _require_trust(path, report, options)
+            resolved = image.resolve(options.profile)
+            kernel = _kernel(image, resolved, path)
+            opened.append(kernel)
+            parts = initrd.plan(image, resolved)
+            initrd_blob = _initrd(parts) if parts else None
+            if initrd_blob:
+                opened.append(initrd_blob)
+            limit = _cmdline_limit(kernel)
+            secure_boot = _secure_boot(options.root)
+            extra = list(options.append)
+            if options.add_id_argument:
+                extra.append(f"{ID_ARGUMENT}={options.relaunch_id}")
+            line = cmdline_rules.compose(image.cmdline(resolved), custom=options.custom_cmdline,
+                                         secure_boot=bool(secure_boot), extra=extra, limit=limit)
+        notes = []
+        if secure_boot is None:
+            notes.append("Secure Boot state unknown (no efivarfs): treated as off for the "
+                         "command-line rule")
+        return StagedImage(id=options.relaunch_id, source=path, method=options.method,
+                           report=report, image=image_blob, kernel=kernel,
+                           initrd=initrd_blob, initrd_parts=[p.label for p in parts],
+                           cmdline=line, notes=notes)
+    except BaseException:
+        for blob in opened:
+            blob.close()
+        raise
+
+
+def _sealed_image(path: str, options: StageOptions) -> Blob:
+    sealed.check_location(path, options.policy)
+    with uki.open_image(path, follow_symlinks=options.policy.follow_symlinks) as original:
+        fd = sealed.sealed_copy(original.fd, os.path.basename(path), original.size)
+    return Blob("image", fd, os.fstat(fd).st_size, "")
+
+
+def _require_trust(path: str, report: ImageReport, options: StageOptions) -> None:
+    signature = report.signature
+    if signature.verified:
+        return
+    if options.allow_unsigned and not options.trusted:
+        return
+    if not options.trusted:
+        raise VerificationFailed(f"{path}: no trusted certificates configured; refusing to "
+                                 "stage an unverified image")
+    why = "; ".join(signature.reasons) or "no signature verifies"
+    raise VerificationFailed(f"{path}: {why}")
+
+
+def _kernel(image: uki.UkiImage, resolved: uki.ResolvedImage, path: str) -> Blob:
+    """`.linux` payload; if it is itself a signed PE, trimmed to the end of its
+    certificate table so the kernel's own signature check sees the signed
+    bytes exactly (uki.md §3.3)."""
+    section = resolved.sections[".linux"]
+    payload = image.payload(section)
+    length = payload.length
+    try:
+        inner = pe.parse_headers(payload)
+        if inner.cert_table_size:
+            length = min(length, inner.cert_table_offset + inner.cert_table_size)
+    except InvalidImage:
+        inner = None   # not a PE (e.g. a raw arm64 Image): use the payload as is
+    if os.uname().machine == "x86_64" and (
+            length < X86_HDRS_OFFSET + 4
+            or payload.pread(X86_HDRS_OFFSET, 4) != b"HdrS"):
+        raise InvalidImage(f"{path}: .linux is not an x86 bzImage (no HdrS header)")
+    fd = sealed.create("kernel")
+    try:
+        sealed.copy_range(image.fd, payload.offset, length, fd)
+        sealed.seal(fd)
+        digest = hashlib.sha256()
+        hashing.feed(fd, [hashing.Sink(digest, [(0, length)])])
+        return Blob("kernel", fd, length, digest.hexdigest())
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _initrd(parts: list[initrd.InitrdPart]) -> Blob:
+    fd = sealed.create("initrd")
+    try:
+        size = initrd.write(parts, fd)
+        sealed.seal(fd)
+        digest = hashlib.sha256()
+        hashing.feed(fd, [hashing.Sink(digest, [(0, size)])])
+        return Blob("initrd", fd, size, digest.hexdigest())
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _cmdline_limit(kernel: Blob) -> int | None:
+    if os.uname().machine != "x86_64":
+        return None
+    raw = os.pread(kernel.fd, 4, X86_CMDLINE_SIZE_OFFSET)
+    if len(raw) != 4:
+        return None
+    size, = struct.unpack("<I", raw)
+    return max(0, size - cmdline_rules.KEXEC_FILE_X86_RESERVE)
+
+
+def _secure_boot(root: SysRoot) -> bool | None:
+    from .probe import read_efi_bool
+
+    if not root.is_dir("/sys/firmware/efi"):
+        return False
+    read = read_efi_bool(root, "SecureBoot")
+    return read.value if read.ok else None
+
+
+# ------------------------------------------------------------------ load / unload / dry run
+
+
+def load(staged: StagedImage, root: SysRoot) -> None:
+    """kexec_file_load the staged kernel, initrd and command line, then
+    confirm /sys/kernel/kexec_loaded reads 1."""
+    kexec.file_load(staged.kernel.fd, staged.initrd.fd if staged.initrd else None,
+                    staged.cmdline.nul_terminated)
+    if loaded(root) is not True:
+        raise KexecFailed("kexec_file_load returned success but /sys/kernel/kexec_loaded "
+                          "is not 1")
+
+
+def unload(root: SysRoot) -> None:
+    kexec.file_unload()
+    if loaded(root) is True:
+        raise KexecFailed("unload returned success but /sys/kernel/kexec_loaded is still 1")
+
+
+def loaded(root: SysRoot) -> bool | None:
+    read = root.read_line("/sys/kernel/kexec_loaded")
+    if not read.ok or read.value is None:
+        return None
+    return read.value.strip() == "1"
+
+
+def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
+    """`--dry-run --output DIR`: kernel, initrd, cmdline, plan.json."""
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for blob in (staged.kernel, staged.initrd):
+        if blob is None:
+            continue
+        target = os.path.join(directory, blob.name)
+        with open(target, "wb") as out:
+            sealed.copy_range(blob.fd, 0, blob.size, out.fileno())
+        written.append(target)
+    target = os.path.join(directory, "cmdline")
+    with open(target, "wb") as out:
+        out.write(staged.cmdline.nul_terminated)
+    written.append(target)
+    target = os.path.join(directory, "plan.json")
+    with open(target, "w") as out:
+        json.dump(staged.plan(), out, indent=2)
+        out.write("\n")
+    written.append(target)
+    return written

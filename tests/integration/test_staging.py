@@ -1,0 +1,200 @@
+"""Staging on the host, dry-run: sealed copies, stub-exact initrd/cmdline,
+trust, location checks, and nothing left behind on failure. (Real loads
+happen in the VM tier; this host kernel has no kexec.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pefile
+import pytest
+
+from relaunchd import cpio, sealed, staging
+from relaunchd.authenticode import load_certificates
+from relaunchd.errors import InvalidImage, KexecFailed, VerificationFailed
+from relaunchd.sysfs import SysRoot
+
+
+@pytest.fixture
+def image_dir(tmp_path, real_ukis) -> Path:
+    d = tmp_path / "images"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    for name in ("signed", "multi", "tampered", "signed-other", "minimal"):
+        shutil.copy(real_ukis[name], d / f"{name}.efi")
+    return d
+
+
+def options(image_dir: Path, keys, **kw) -> staging.StageOptions:
+    """A platform root without efivarfs: a BIOS machine, Secure Boot off."""
+    kw.setdefault("trusted", load_certificates([str(keys["db"].cert)]))
+    root = image_dir.parent / "platform"
+    root.mkdir(exist_ok=True)
+    return staging.StageOptions(policy=sealed.ImagePolicy((str(image_dir),)),
+                                root=SysRoot(str(root)), **kw)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def section(path: Path, name: str) -> bytes:
+    pe = pefile.PE(str(path), fast_load=True)
+    s = next(s for s in pe.sections if s.Name.rstrip(b"\0").decode() == name)
+    data = s.get_data()[: min(s.Misc_VirtualSize, s.SizeOfRawData)]
+    pe.close()
+    return data
+
+
+def test_dry_run_artifacts(image_dir, keys, debian_kernel, tmp_path):
+    staged = staging.prepare(str(image_dir / "signed.efi"), options(image_dir, keys))
+    try:
+        assert all(sealed.is_sealed(b.fd) for b in (staged.image, staged.kernel, staged.initrd))
+        out = tmp_path / "out"
+        staging.write_artifacts(staged, str(out))
+    finally:
+        staged.close()
+    # the kernel is Debian's signed vmlinuz, byte for byte (trimmed, uki.md §3.3)
+    assert (out / "kernel").read_bytes() == debian_kernel.vmlinuz.read_bytes()
+    initrd = (out / "initrd").read_bytes()
+    embedded = section(image_dir / "signed.efi", ".initrd")
+    assert initrd.startswith(embedded)
+    members = {m.name: m.data for m in cpio.read_newc(initrd)}
+    assert members[".extra/os-release"].startswith(b'PRETTY_NAME="Debian')
+    assert members[".extra/tpm2-pcr-public-key.pem"].startswith(b"-----BEGIN PUBLIC KEY")
+    assert json.loads(members[".extra/tpm2-pcr-signature.json"].rstrip(b"\0"))["sha256"]
+    assert "etc/relaunchd-marker" in members
+    plan = json.loads((out / "plan.json").read_text())
+    cmd = (out / "cmdline").read_bytes()
+    assert cmd.endswith(b"\0")
+    assert cmd[:-1].decode() == plan["cmdline"]
+    assert plan["cmdline"].startswith("console=ttyS0 root=/dev/vda rw quiet relaunchd.test=full")
+    assert plan["cmdline"].endswith(f"relaunchd.id={plan['id']}")
+    assert plan["initrd"]["size"] == len(initrd) and len(initrd) % 4 == 0
+    assert plan["signature"]["verified_by"] == "CN=relaunchd test db"
+
+
+def test_profile_and_custom_cmdline(image_dir, keys):
+    opts = options(image_dir, keys, profile=1, allow_unsigned=True, trusted=[],
+                   append=["relaunchd.marker=x"])
+    staged = staging.prepare(str(image_dir / "multi.efi"), opts)
+    try:
+        assert staged.cmdline.text.startswith("console=ttyS0 debug relaunchd.marker=x ")
+        assert ".extra/profile" in staged.initrd_parts
+    finally:
+        staged.close()
+
+
+@pytest.mark.parametrize("name,error,fragment", [
+    ("tampered.efi", VerificationFailed, "digest"),
+    ("signed-other.efi", VerificationFailed, "not trusted"),
+    ("minimal.efi", VerificationFailed, "not signed"),
+])
+def test_untrusted_images_leave_nothing(image_dir, keys, name, error, fragment):
+    before = open_fds()
+    with pytest.raises(error, match=fragment):
+        staging.prepare(str(image_dir / name), options(image_dir, keys))
+    assert open_fds() == before
+
+
+def test_no_trust_configured_is_refused(image_dir, keys):
+    with pytest.raises(VerificationFailed, match="no trusted certificates"):
+        staging.prepare(str(image_dir / "signed.efi"), options(image_dir, keys, trusted=[]))
+
+
+def test_location_checks(image_dir, keys, tmp_path):
+    with pytest.raises(InvalidImage, match="not inside an allowed image directory"):
+        staging.prepare(str(tmp_path / "x.efi"), options(image_dir, keys))
+    sub = image_dir / "sub"
+    sub.mkdir()
+    shutil.copy(image_dir / "signed.efi", sub / "s.efi")
+    os.chmod(sub, 0o777)
+    with pytest.raises(InvalidImage, match="writable by non-root"):
+        staging.prepare(str(sub / "s.efi"), options(image_dir, keys))
+    os.chmod(sub, 0o755)
+    os.chown(sub / "s.efi", 65534, 65534)
+    with pytest.raises(InvalidImage, match="owned by uid 65534"):
+        staging.prepare(str(sub / "s.efi"), options(image_dir, keys))
+    (image_dir / "link.efi").symlink_to(image_dir / "signed.efi")
+    with pytest.raises(InvalidImage, match="symbolic link"):
+        staging.prepare(str(image_dir / "link.efi"), options(image_dir, keys))
+
+
+def test_file_replaced_after_copy_changes_nothing(image_dir, keys, monkeypatch, debian_kernel,
+                                                  tmp_path):
+    """Swap the file on disk right after the sealed copy: what is verified and
+    written out is still the original."""
+    target = image_dir / "signed.efi"
+    original_copy = sealed.sealed_copy
+
+    def copy_then_tamper(fd, name, size=None):
+        result = original_copy(fd, name, size)
+        tampered = (image_dir / "tampered.efi").read_bytes()
+        target.write_bytes(tampered)          # rewrite in place
+        return result
+
+    monkeypatch.setattr(sealed, "sealed_copy", copy_then_tamper)
+    staged = staging.prepare(str(target), options(image_dir, keys))
+    try:
+        staging.write_artifacts(staged, str(tmp_path / "out"))
+        assert staged.report.signature.verified
+        # the sealed copy cannot be written to, grown or shrunk
+        with pytest.raises(PermissionError):
+            os.write(staged.image.fd, b"x")
+        with pytest.raises(PermissionError):
+            os.ftruncate(staged.image.fd, 10)
+    finally:
+        staged.close()
+    assert "relaunchd.test=full" in (tmp_path / "out" / "cmdline").read_text()
+    assert b"EVIL" in target.read_bytes()
+
+
+def test_load_without_kexec_support_is_a_named_error(image_dir, keys):
+    staged = staging.prepare(str(image_dir / "signed.efi"), options(image_dir, keys))
+    try:
+        if os.path.exists("/sys/kernel/kexec_loaded"):
+            pytest.skip("this kernel supports kexec; real loads are tested in the VM")
+        with pytest.raises(KexecFailed, match="ENOSYS"):
+            staging.load(staged, SysRoot("/"))
+    finally:
+        staged.close()
+
+
+def test_cli_dry_run_json(image_dir, keys, tmp_path, capsys):
+    from relaunchd.cli import main
+
+    rc = main(["stage", "--dry-run", "--json", "--output", str(tmp_path / "o"),
+               "--image-dir", str(image_dir), "--cert", str(keys["db"].cert),
+               str(image_dir / "signed.efi")])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["loaded"] is False
+    assert sorted(Path(p).name for p in doc["written"]) == ["cmdline", "initrd", "kernel",
+                                                             "plan.json"]
+    rc = main(["stage", "--dry-run", "--image-dir", str(image_dir), "--cert",
+               str(keys["other"].cert), str(image_dir / "signed.efi")])
+    assert rc == 1
+    assert "VerificationFailed" in capsys.readouterr().err
+
+
+def test_secure_boot_drops_custom_cmdline(image_dir, keys):
+    opts = options(image_dir, keys, custom_cmdline="init=/bin/sh")
+    efivars = Path(opts.root.root) / "sys/firmware/efi/efivars"
+    efivars.mkdir(parents=True)
+    (efivars / "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c").write_bytes(
+        b"\x06\x00\x00\x00\x01")
+    staged = staging.prepare(str(image_dir / "signed.efi"), opts)
+    try:
+        assert staged.cmdline.custom_dropped
+        assert "init=/bin/sh" not in staged.cmdline.text
+    finally:
+        staged.close()
+    (efivars / "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c").write_bytes(
+        b"\x06\x00\x00\x00\x00")
+    staged = staging.prepare(str(image_dir / "signed.efi"), opts)
+    try:
+        assert staged.cmdline.text.startswith("init=/bin/sh relaunchd.id=")
+    finally:
+        staged.close()
