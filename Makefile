@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON := /usr/bin/python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-HOST_PKGS := .ci/host-packages.txt
+HOST_PKGS := .ci/host-packages.txt .ci/vm-packages.txt
 # Large downloaded/built inputs (kernel .deb, guest images) live here, keyed by
 # what they were made from; never inside the repository.
 export RELAUNCHD_CACHE ?= $(HOME)/.cache/relaunchd
@@ -40,3 +40,16 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache
+
+# --- Debian package and the VM tier (docs/vm.md) ---------------------------
+# The guest image and packages are cached under $(RELAUNCHD_CACHE) by input hash.
+.PHONY: deb vm-test vm-shell
+
+deb: setup
+	packaging/build-deb
+
+vm-test: setup
+	$(VPY) -m pytest -m vm tests/vm
+
+vm-shell: setup
+	PYTHONPATH=tests $(VPY) -m vm shell

@@ -52,3 +52,15 @@ class Busy(RelaunchError):
 
 class KexecFailed(RelaunchError):
     name = "KexecFailed"
+
+
+class InvalidKernel(RelaunchError):
+    """A kernel image the x86 segment loader cannot boot (setup header, protocol, layout)."""
+
+    name = "InvalidKernel"
+
+
+class InvalidTable(RelaunchError):
+    """A Secure Launch Resource Table (SLRT) that is malformed or cannot be represented."""
+
+    name = "InvalidTable"

@@ -9,11 +9,13 @@ result is confirmed through `/sys/kernel/kexec_loaded`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .errors import KexecFailed, Unsupported
 
@@ -97,7 +99,7 @@ def file_unload() -> None:
 
 class _Segment(ctypes.Structure):
     # struct kexec_segment (include/uapi/linux/kexec.h)
-    _fields_ = [("buf", ctypes.c_void_p), ("bufsz", ctypes.c_size_t),
+    _fields_: ClassVar = [("buf", ctypes.c_void_p), ("bufsz", ctypes.c_size_t),
                 ("mem", ctypes.c_void_p), ("memsz", ctypes.c_size_t)]
 
 
@@ -148,7 +150,6 @@ def segment_load(entry: int, segments: list[LoadSegment]) -> None:
     finally:
         for item in keep:
             if isinstance(item, mmap.mmap):
-                try:
+                # ctypes may still reference it; then it is freed with the object
+                with contextlib.suppress(BufferError):
                     item.close()
-                except BufferError:
-                    pass  # ctypes still references it; freed with the object
