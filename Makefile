@@ -35,7 +35,8 @@ demo: setup
 	$(VPY) tests/support/demo.py
 
 bench: setup
-	$(VPY) -P benchmarks/inspect.py
+	$(VPY) benchmarks/inspect_uki.py
+	$(VPY) benchmarks/stage.py
 	$(VPY) benchmarks/check.py
 
 clean:

@@ -31,18 +31,27 @@ class Hash(Protocol):
 
 @dataclass
 class Sink:
-    """One hash fed with file ranges in ascending order, then `zero_fill` zeros."""
+    """One hash fed with pieces in order — file ranges `(offset, length)`
+    ascending in the file, and literal `bytes` between or after them — then
+    `zero_fill` zeros."""
 
     hasher: Hash
-    ranges: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
+    ranges: list[tuple[int, int] | bytes] = field(default_factory=list)
     zero_fill: int = 0
 
     def __post_init__(self) -> None:
         last = -1
-        for offset, length in self.ranges:
+        for piece in self.ranges:
+            if isinstance(piece, bytes):
+                continue
+            offset, length = piece
             if offset < last or length < 0:
                 raise ValueError("sink ranges must be ascending and non-overlapping")
             last = offset + length
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(p[1] for p in self.ranges if not isinstance(p, bytes))
 
 
 def feed(fd: int, sinks: list[Sink], *, base: int = 0,
@@ -60,42 +69,53 @@ def feed(fd: int, sinks: list[Sink], *, base: int = 0,
     del threads  # one worker per large sink; kept for API stability
     if not sinks:
         return
-    total = sum(n for s in sinks for _, n in s.ranges)
+    total = sum(s.file_bytes for s in sinks)
     windows = list(_windows(sinks))
     workers = {i: _Worker(s.hasher) for i, s in enumerate(sinks)
-               if sum(n for _, n in s.ranges) >= INLINE_LIMIT}
+               if s.file_bytes >= INLINE_LIMIT}
     source = _Source.open(fd, base, windows)
-    in_flight: list[_Window] = []
+    pending: list[_Window] = []
     cursor = [0] * len(sinks)   # index of each sink's current range
     done = 0
     try:
-        for number, (start, end) in enumerate(windows):
-            if len(in_flight) >= RING:
-                in_flight.pop(0).wait_free()
-            window = source.window(number, start, end)
-            in_flight.append(window)
+        for start, end in windows:
+            if not source.mapped:
+                # Copies, not a mapping: bound memory by waiting for the workers.
+                while len(pending) >= RING:
+                    pending.pop(0).wait_free()
+            window = source.window(start, end)
+            pending.append(window)
             jobs = []
             for i, sink in enumerate(sinks):
                 parts = _parts_in(sink, cursor, i, start, end)
                 if not parts:
                     continue
-                views = [window.view[a - start:b - start] for a, b in parts]
-                done += sum(b - a for a, b in parts)
+                views = [memoryview(p) if isinstance(p, bytes)
+                         else window.view[p[0] - start:p[1] - start] for p in parts]
+                done += sum(p[1] - p[0] for p in parts if not isinstance(p, bytes))
                 if i in workers:
                     jobs.append((workers[i], views))
                 else:
                     for v in views:
                         sink.hasher.update(v)
-                    for v in views:
                         v.release()
             window.hand_out(len(jobs))
             for worker, views in jobs:
                 worker.submit(views, window)
+            if not jobs:
+                window.drop_pages()
             if progress:
                 progress(done, total)
         for i, sink in enumerate(sinks):
+            tail = [memoryview(p) for p in sink.ranges[cursor[i]:] if isinstance(p, bytes)]
+            target = workers.get(i)
+            if tail:
+                if target:
+                    target.submit(tail, None)
+                else:
+                    for v in tail:
+                        sink.hasher.update(v)
             if sink.zero_fill:
-                target = workers.get(i)
                 if target:
                     target.submit_zeros(sink.zero_fill)
                 else:
@@ -103,7 +123,7 @@ def feed(fd: int, sinks: list[Sink], *, base: int = 0,
     finally:
         for worker in workers.values():
             worker.close()
-        for window in in_flight:
+        for window in pending:
             window.wait_free()
         source.close()
     errors = [w.error for w in workers.values() if w.error]
@@ -112,39 +132,42 @@ def feed(fd: int, sinks: list[Sink], *, base: int = 0,
 
 
 INLINE_LIMIT = 1 << 20   # sinks smaller than this are hashed by the reader itself
-RING = 4                 # windows in flight: bounds resident memory to RING * CHUNK
+RING = 4                 # windows in flight when reading by copy (no mapping)
 
 
 class _Window:
-    """A chunk of the file, released (and dropped from RSS) once every worker
-    handed it is done with it."""
+    """A chunk of the file handed to several workers.
 
-    def __init__(self, view: memoryview, on_free: Callable[[], None]):
-        self.view = view
-        self._on_free = on_free
+    With a mapping, every consumer drops the window's pages from our resident
+    set when it is done (MADV_DONTNEED on a shared file mapping only unmaps:
+    a slower consumer re-faults them from the page cache), so fast banks never
+    wait for slow ones and RSS stays near workers × CHUNK."""
+
+    def __init__(self, view: memoryview, drop: Callable[[], None]):
+        self.view: memoryview | None = view
+        self.drop_pages = drop
         self._pending = 0
         self._cond = threading.Condition()
 
     def hand_out(self, users: int) -> None:
         with self._cond:
             self._pending = users
-        if users == 0:
-            self._free()
+            if users == 0:
+                self._free_locked()
 
     def release(self) -> None:
+        """One consumer is done with the window."""
+        self.drop_pages()
         with self._cond:
             self._pending -= 1
-            last = self._pending == 0
-        if last:
-            self._free()
+            if self._pending == 0:
+                self._free_locked()
 
-    def _free(self) -> None:
-        with self._cond:
-            if self.view is not None:
-                self.view.release()
-                self.view = None
-                self._on_free()
-            self._cond.notify_all()
+    def _free_locked(self) -> None:
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        self._cond.notify_all()
 
     def wait_free(self) -> None:
         with self._cond:
@@ -176,8 +199,11 @@ class _Source:
             return cls(fd, base, None, 0)
         return cls(fd, base, mapping, map_start)
 
-    def window(self, number: int, start: int, end: int) -> _Window:
-        del number
+    @property
+    def mapped(self) -> bool:
+        return self._whole is not None
+
+    def window(self, start: int, end: int) -> _Window:
         if self._whole is None:
             buf = bytearray(end - start)
             got = os.preadv(self.fd, [buf], self.base + start)
@@ -213,7 +239,7 @@ class _Worker:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def submit(self, views: list[memoryview], buf: _Window) -> None:
+    def submit(self, views: list[memoryview], buf: _Window | None) -> None:
         self._queue.put((views, buf))
 
     def submit_zeros(self, count: int) -> None:
@@ -228,7 +254,7 @@ class _Worker:
             payload, buf = item
             try:
                 if self.error is None:
-                    if buf is None:
+                    if isinstance(payload, int):
                         _zeros(self.hasher, payload)
                     else:
                         for v in payload:
@@ -243,7 +269,8 @@ class _Worker:
 
 def _windows(sinks: list[Sink]):
     """Chunk-sized windows covering every byte some sink wants, skipping gaps."""
-    covered = sorted((off, off + n) for s in sinks for off, n in s.ranges if n)
+    covered = sorted((p[0], p[0] + p[1]) for s in sinks for p in s.ranges
+                     if not isinstance(p, bytes) and p[1])
     merged: list[list[int]] = []
     for a, b in covered:
         if merged and a <= merged[-1][1]:
@@ -258,13 +285,20 @@ def _windows(sinks: list[Sink]):
             pos = nxt
 
 
-def _parts_in(sink: Sink, cursor: list[int], i: int, start: int, end: int):
-    parts = []
+def _parts_in(sink: Sink, cursor: list[int], i: int, start: int, end: int) -> list:
+    """The pieces of `sink` due in window [start, end): literal bytes as they
+    come, file ranges clipped to (a, b) absolute offsets."""
+    parts: list = []
     while cursor[i] < len(sink.ranges):
-        off, n = sink.ranges[cursor[i]]
-        a, b = max(off, start), min(off + n, end)
-        if off >= end:
+        piece = sink.ranges[cursor[i]]
+        if isinstance(piece, bytes):
+            parts.append(piece)
+            cursor[i] += 1
+            continue
+        off, n = piece
+        if off >= end and n:
             break
+        a, b = max(off, start), min(off + n, end)
         if a < b:
             parts.append((a, b))
         if off + n <= end:

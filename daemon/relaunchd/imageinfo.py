@@ -98,7 +98,10 @@ def inspect_image(
     phases: tuple[str, ...] = measure.DEFAULT_PHASES,
     trusted: list | None = None,
     progress: Callable[[int, int], None] | None = None,
+    extra_sinks: list[hashing.Sink] | None = None,
 ) -> ImageReport:
+    """`extra_sinks` ride along in the same read pass (staging uses them for
+    the kernel and initrd digests)."""
     resolved = image.resolve(profile)
     stub = image.stub_version()
     warnings: list[str] = []
@@ -149,6 +152,7 @@ def inspect_image(
         sinks.append(hashing.Sink(digest_hashes["sha256"],
                                   pe.authenticode_ranges(image.headers)))
 
+    sinks.extend(extra_sinks or [])
     hashing_error: list[BaseException] = []
 
     def run_hashes() -> None:

@@ -117,24 +117,35 @@ def prepare(path: str, options: StageOptions,
         image_blob = _sealed_image(path, options)
         opened.append(image_blob)
         with uki.from_fd(image_blob.fd, path) as image:
+            resolved = image.resolve(options.profile)
+            kernel_range = _kernel_range(image, resolved, path)
+            parts = initrd.plan(image, resolved)
+            # Kernel and initrd digests come from the same single read of the
+            # sealed copy as the verification (the memfds are copies of it).
+            kernel_hash, initrd_hash = hashlib.sha256(), hashlib.sha256()
+            extra = [hashing.Sink(kernel_hash, [(kernel_range.offset, kernel_range.length)])]
+            initrd_pieces = _initrd_pieces(parts)
+            if parts and initrd_pieces is not None:
+                extra.append(hashing.Sink(initrd_hash, initrd_pieces))
             report = inspect_image(
                 image, profile=options.profile, banks=options.banks, trusted=options.trusted,
-                progress=(lambda d, t: progress("verifying", d, t)) if progress else None)
+                progress=(lambda d, t: progress("verifying", d, t)) if progress else None,
+                extra_sinks=extra)
             _require_trust(path, report, options)
-            resolved = image.resolve(options.profile)
-            kernel = _kernel(image, resolved, path)
+            kernel = _sealed_part("kernel", image.fd, kernel_range, kernel_hash.hexdigest())
             opened.append(kernel)
-            parts = initrd.plan(image, resolved)
-            initrd_blob = _initrd(parts) if parts else None
-            if initrd_blob:
+            initrd_blob = None
+            if parts:
+                initrd_blob = _initrd(parts, initrd_hash.hexdigest()
+                                      if initrd_pieces is not None else None)
                 opened.append(initrd_blob)
             limit = _cmdline_limit(kernel)
             secure_boot = _secure_boot(options.root)
-            extra = list(options.append)
+            args = list(options.append)
             if options.add_id_argument:
-                extra.append(f"{ID_ARGUMENT}={options.relaunch_id}")
+                args.append(f"{ID_ARGUMENT}={options.relaunch_id}")
             line = cmdline_rules.compose(image.cmdline(resolved), custom=options.custom_cmdline,
-                                         secure_boot=bool(secure_boot), extra=extra, limit=limit)
+                                         secure_boot=bool(secure_boot), extra=args, limit=limit)
         notes = []
         if secure_boot is None:
             notes.append("Secure Boot state unknown (no efivarfs): treated as off for the "
@@ -169,43 +180,64 @@ def _require_trust(path: str, report: ImageReport, options: StageOptions) -> Non
     raise VerificationFailed(f"{path}: {why}")
 
 
-def _kernel(image: uki.UkiImage, resolved: uki.ResolvedImage, path: str) -> Blob:
+def _kernel_range(image: uki.UkiImage, resolved: uki.ResolvedImage, path: str) -> pe.FileRange:
     """`.linux` payload; if it is itself a signed PE, trimmed to the end of its
     certificate table so the kernel's own signature check sees the signed
     bytes exactly (uki.md §3.3)."""
-    section = resolved.sections[".linux"]
-    payload = image.payload(section)
+    payload = image.payload(resolved.sections[".linux"])
     length = payload.length
     try:
         inner = pe.parse_headers(payload)
         if inner.cert_table_size:
             length = min(length, inner.cert_table_offset + inner.cert_table_size)
     except InvalidImage:
-        inner = None   # not a PE (e.g. a raw arm64 Image): use the payload as is
+        pass   # not a PE (e.g. a raw arm64 Image): use the payload as is
     if os.uname().machine == "x86_64" and (
             length < X86_HDRS_OFFSET + 4
             or payload.pread(X86_HDRS_OFFSET, 4) != b"HdrS"):
         raise InvalidImage(f"{path}: .linux is not an x86 bzImage (no HdrS header)")
-    fd = sealed.create("kernel")
+    return payload.sub(0, length)
+
+
+def _sealed_part(name: str, src_fd: int, source: pe.FileRange, sha256: str) -> Blob:
+    fd = sealed.create(name)
     try:
-        sealed.copy_range(image.fd, payload.offset, length, fd)
+        sealed.copy_range(src_fd, source.offset, source.length, fd)
         sealed.seal(fd)
-        digest = hashlib.sha256()
-        hashing.feed(fd, [hashing.Sink(digest, [(0, length)])])
-        return Blob("kernel", fd, length, digest.hexdigest())
+        return Blob(name, fd, source.length, sha256)
     except BaseException:
         os.close(fd)
         raise
 
 
-def _initrd(parts: list[initrd.InitrdPart]) -> Blob:
+def _initrd_pieces(parts: list[initrd.InitrdPart]) -> list | None:
+    """The initrd as hashing pieces (file ranges and literal bytes), or None
+    when its file ranges are not in file order (then it is hashed after
+    being written)."""
+    pieces: list = []
+    last = -1
+    for part in parts:
+        if part.source is not None:
+            if part.source.offset < last:
+                return None
+            pieces.append((part.source.offset, part.source.length))
+            last = part.source.offset + part.source.length
+        tail = bytes(part.zero_fill) + part.data + bytes(part.size - part.content_size)
+        if tail:
+            pieces.append(tail)
+    return pieces
+
+
+def _initrd(parts: list[initrd.InitrdPart], sha256: str | None) -> Blob:
     fd = sealed.create("initrd")
     try:
         size = initrd.write(parts, fd)
         sealed.seal(fd)
-        digest = hashlib.sha256()
-        hashing.feed(fd, [hashing.Sink(digest, [(0, size)])])
-        return Blob("initrd", fd, size, digest.hexdigest())
+        if sha256 is None:
+            digest = hashlib.sha256()
+            hashing.feed(fd, [hashing.Sink(digest, [(0, size)])])
+            sha256 = digest.hexdigest()
+        return Blob("initrd", fd, size, sha256)
     except BaseException:
         os.close(fd)
         raise

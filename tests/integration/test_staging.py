@@ -4,6 +4,7 @@ happen in the VM tier; this host kernel has no kexec.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -74,6 +75,9 @@ def test_dry_run_artifacts(image_dir, keys, debian_kernel, tmp_path):
     assert plan["cmdline"].startswith("console=ttyS0 root=/dev/vda rw quiet relaunchd.test=full")
     assert plan["cmdline"].endswith(f"relaunchd.id={plan['id']}")
     assert plan["initrd"]["size"] == len(initrd) and len(initrd) % 4 == 0
+    # digests taken in the verification pass equal those of the bytes loaded
+    assert plan["initrd"]["sha256"] == hashlib.sha256(initrd).hexdigest()
+    assert plan["kernel"]["sha256"] == hashlib.sha256((out / "kernel").read_bytes()).hexdigest()
     assert plan["signature"]["verified_by"] == "CN=relaunchd test db"
 
 

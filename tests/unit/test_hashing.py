@@ -18,10 +18,12 @@ from relaunchd import hashing
     specs=st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 4096), st.integers(0, 300)),
                    min_size=1, max_size=6),
     chunk=st.sampled_from([1, 7, 64, 1 << 20]),
+    inline_limit=st.sampled_from([0, 1 << 20]),   # 0: every sink gets a worker thread
 )
-def test_feed_equals_direct_hashing(data, specs, chunk):
-    old = hashing.CHUNK
+def test_feed_equals_direct_hashing(data, specs, chunk, inline_limit):
+    old, old_inline = hashing.CHUNK, hashing.INLINE_LIMIT
     hashing.CHUNK = chunk
+    hashing.INLINE_LIMIT = inline_limit
     try:
         with tempfile.TemporaryFile() as f:
             f.write(data)
@@ -33,11 +35,14 @@ def test_feed_equals_direct_hashing(data, specs, chunk):
                 mid = (start + end) // 2
                 ranges = [(start, mid - start), (mid + 1, max(0, end - mid - 1))]
                 ranges = [(o, n) for o, n in ranges if o <= len(data) and o + n <= len(data)]
+                # literal pieces between and after the file ranges (generated cpios)
+                pieces = [b"head", *[x for r in ranges for x in (r, b"mid%d" % r[0])], b"tail"]
                 h = hashlib.sha256()
-                sinks.append(hashing.Sink(h, ranges, zeros))
+                sinks.append(hashing.Sink(h, pieces, zeros))
                 ref = hashlib.sha256()
-                for o, n in ranges:
-                    ref.update(data[o:o + n])
+                for piece in pieces:
+                    ref.update(piece if isinstance(piece, bytes) else
+                               data[piece[0]:piece[0] + piece[1]])
                 ref.update(bytes(zeros))
                 expected.append(ref.hexdigest())
             seen = []
@@ -46,7 +51,7 @@ def test_feed_equals_direct_hashing(data, specs, chunk):
             if seen:
                 assert seen[-1][0] == seen[-1][1]
     finally:
-        hashing.CHUNK = old
+        hashing.CHUNK, hashing.INLINE_LIMIT = old, old_inline
 
 
 def test_base_offset():

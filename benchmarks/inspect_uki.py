@@ -8,73 +8,26 @@ Compared in the same run, page cache warm, median of N runs:
     `openssl dgst -sha256` of the file               target ≤ 1.5×
   - peak RSS of relaunchctl                          target < 120 MB
 
-Usage: benchmarks/inspect.py [--runs N] [--initrd-mb M]
+Usage: benchmarks/inspect_uki.py [--runs N] [--initrd-mb M]
 Exit status 1 if a target is missed.
 """
 
 from __future__ import annotations
 
-import sys
-
-# This file is named like the stdlib module `inspect`; keep its directory off
-# the import path (Python puts it first) so `import inspect` finds the stdlib.
-sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
-
 import argparse
 import os
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from support import ukibuild
+from support import ukibuild  # noqa: E402
+from support.benchutil import big_uki, busy_cpus, median_run  # noqa: E402
 
 RELAUNCHCTL = REPO / ".venv" / "bin" / "relaunchctl"
 BANKS = ["sha1", "sha256", "sha384", "sha512"]
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall time and peak RSS (KiB) of one child, measured with wait4."""
-    start = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, 1)
-        os.execv(cmd[0], cmd)
-    _, status, usage = os.wait4(pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
-    return elapsed, usage.ru_maxrss
-
-
-def median_run(cmd: list[str], runs: int) -> tuple[float, int]:
-    timed(cmd)  # warm the page cache and the interpreter's .pyc files
-    results = [timed(cmd) for _ in range(runs)]
-    return statistics.median(r[0] for r in results), max(r[1] for r in results)
-
-
-def build_image(work: Path, initrd_mb: int) -> tuple[Path, dict[str, Path]]:
-    """An unsigned UKI: systemd-measure and openssl verify no signature, so the
-    targets compare the same work. The signed copy is measured separately."""
-    kernel = ukibuild.debian_kernel()
-    initrd = work / "initrd.img"
-    with open(initrd, "wb") as f:
-        for _ in range(initrd_mb):
-            f.write(os.urandom(1 << 20))
-    osrel = work / "os-release"
-    osrel.write_bytes(ukibuild.OS_RELEASE)
-    cmdline = work / "cmdline"
-    cmdline.write_bytes(b"console=ttyS0 root=/dev/vda rw quiet")
-    uki = ukibuild.build_uki(ukibuild.UkiSpec([
-        (".osrel", osrel), (".cmdline", cmdline), (".initrd", initrd), (".linux", kernel.vmlinuz),
-    ]), work / "big.efi")
-    # objcopy stores each section exactly: the files are the measured images.
-    return uki, {"linux": kernel.vmlinuz, "osrel": osrel, "cmdline": cmdline,
-                    "initrd": initrd}
 
 
 def main() -> int:
@@ -84,7 +37,7 @@ def main() -> int:
     parser.add_argument("--initrd-mb", type=int, default=100)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="relaunchd-bench-") as tmp:
-        image, parts = build_image(Path(tmp), args.initrd_mb)
+        image, parts = big_uki(Path(tmp), args.initrd_mb)
         key = ukibuild.make_signing_key(Path(tmp), "db", "relaunchd bench")
         signed = ukibuild.sign(image, key, Path(tmp) / "big.signed.efi")
         size_mb = image.stat().st_size / 1e6
@@ -104,6 +57,8 @@ def main() -> int:
             [str(RELAUNCHCTL), "inspect", "--json", "--bank", "sha256", str(signed)], args.runs)
         rows.append(("all banks: inspect / systemd-measure", t_all, t_sm, 0.8))
         rows.append(("sha256: inspect / openssl dgst", t_256, t_ssl, 1.5))
+        if busy_cpus() > 0.5:
+            print(f"warning: load average {busy_cpus():.1f}: other processes may skew this run")
         print(f"UKI: {size_mb:.1f} MB (initrd {args.initrd_mb} MiB, unsigned), "
               f"{os.cpu_count()} CPUs, median of {args.runs} warm runs")
         ok = True

@@ -1,0 +1,55 @@
+"""Shared by benchmarks/: timing children with wait4 and building a big UKI."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+from . import ukibuild
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall time and peak RSS (KiB) of one child, measured with wait4."""
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.execv(cmd[0], cmd)
+    _, status, usage = os.wait4(pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(cmd)}")
+    return elapsed, usage.ru_maxrss
+
+
+def median_run(cmd: list[str], runs: int) -> tuple[float, int]:
+    timed(cmd)  # warm the page cache and the interpreter's .pyc files
+    results = [timed(cmd) for _ in range(runs)]
+    return statistics.median(r[0] for r in results), max(r[1] for r in results)
+
+
+def busy_cpus() -> float:
+    """Load from other processes right now, to flag a noisy run."""
+    return os.getloadavg()[0]
+
+
+def big_uki(work: Path, initrd_mb: int) -> tuple[Path, dict[str, Path]]:
+    """An unsigned UKI with a random initrd of `initrd_mb` MiB, and its parts."""
+    kernel = ukibuild.debian_kernel()
+    initrd = work / "initrd.img"
+    with open(initrd, "wb") as f:
+        for _ in range(initrd_mb):
+            f.write(os.urandom(1 << 20))
+    osrel = work / "os-release"
+    osrel.write_bytes(ukibuild.OS_RELEASE)
+    cmdline = work / "cmdline"
+    cmdline.write_bytes(b"console=ttyS0 root=/dev/vda rw quiet")
+    uki = ukibuild.build_uki(ukibuild.UkiSpec([
+        (".osrel", osrel), (".cmdline", cmdline), (".initrd", initrd), (".linux", kernel.vmlinuz),
+    ]), work / "big.efi")
+    # objcopy stores each section exactly: the files are the measured images.
+    return uki, {"linux": kernel.vmlinuz, "osrel": osrel, "cmdline": cmdline, "initrd": initrd}
