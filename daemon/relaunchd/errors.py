@@ -64,3 +64,9 @@ class InvalidTable(RelaunchError):
     """A Secure Launch Resource Table (SLRT) that is malformed or cannot be represented."""
 
     name = "InvalidTable"
+
+
+class NoRoom(RelaunchError):
+    """A kexec segment does not fit in free RAM under its constraints."""
+
+    name = "NoRoom"

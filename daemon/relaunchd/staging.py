@@ -20,15 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import cmdline as cmdline_rules
 from . import hashing, initrd, kexec, pe, sealed, uki
-from .errors import InvalidArgument, InvalidImage, KexecFailed, VerificationFailed
+from .errors import InvalidArgument, InvalidImage, KexecFailed, NotReady, VerificationFailed
 from .imageinfo import ImageReport, inspect_image
+from .pe import FileRange
 from .sysfs import SysRoot
 
 DEFAULT_IMAGE_DIRS = ("/boot", "/efi", "/boot/efi", "/usr/lib/kernel", "/var/lib/relaunchd/images")
@@ -51,6 +54,13 @@ class StageOptions:
     add_id_argument: bool = True
     banks: tuple[str, ...] = ("sha256",)
     root: SysRoot = field(default_factory=SysRoot)
+    loader: str | None = None            # "file" | "segments"; None: by method
+    sinit_acm: str | None = None         # TXT inputs (config), read when the method needs them
+    dl_handler: str | None = None
+
+    @property
+    def effective_loader(self) -> str:
+        return self.loader or ("file" if self.method == "kexec" else "segments")
 
 
 @dataclass
@@ -80,6 +90,9 @@ class StagedImage:
     initrd_parts: list[str]
     cmdline: cmdline_rules.Cmdline
     notes: list[str] = field(default_factory=list)
+    loader: str = "file"
+    segment_plan: Any = None             # segments.SegmentPlan for the segment loader
+    slrt: bytes | None = None
 
     def close(self) -> None:
         for blob in (self.image, self.kernel, self.initrd):
@@ -103,15 +116,21 @@ class StagedImage:
             "signature": report["signature"],
             "pcr11": report["pcr11"],
             "pcr11_phases": report["pcr11_phases"],
+            "loader": self.loader,
+            "segments": self.segment_plan.to_json() if self.segment_plan else None,
             "notes": self.notes + self.cmdline.notes,
         }
 
 
 def prepare(path: str, options: StageOptions,
             progress: Callable[[str, int, int], None] | None = None) -> StagedImage:
-    if options.method != "kexec":
-        raise InvalidArgument(f"launch method {options.method!r} is not available yet; "
-                              "use --method kexec")
+    if options.method not in ("kexec", "txt", "skinit"):
+        raise InvalidArgument(f"unknown launch method {options.method!r}")
+    if options.effective_loader not in ("file", "segments"):
+        raise InvalidArgument(f"unknown loader {options.loader!r}")
+    if options.method != "kexec" and options.effective_loader != "segments":
+        raise InvalidArgument(f"the {options.method} method needs the segment loader")
+    inputs = _launch_inputs(options)     # refuses up front, before any work
     opened: list[Blob] = []
     try:
         image_blob = _sealed_image(path, options)
@@ -150,14 +169,65 @@ def prepare(path: str, options: StageOptions,
         if secure_boot is None:
             notes.append("Secure Boot state unknown (no efivarfs): treated as off for the "
                          "command-line rule")
-        return StagedImage(id=options.relaunch_id, source=path, method=options.method,
-                           report=report, image=image_blob, kernel=kernel,
-                           initrd=initrd_blob, initrd_parts=[p.label for p in parts],
-                           cmdline=line, notes=notes)
+        staged = StagedImage(id=options.relaunch_id, source=path, method=options.method,
+                             report=report, image=image_blob, kernel=kernel,
+                             initrd=initrd_blob, initrd_parts=[p.label for p in parts],
+                             cmdline=line, notes=notes, loader=options.effective_loader)
+        if staged.loader == "segments":
+            from .launch import segment_loader
+
+            staged.segment_plan, staged.slrt = segment_loader.plan(
+                FileRange(kernel.fd, 0, kernel.size),
+                FileRange(initrd_blob.fd, 0, initrd_blob.size) if initrd_blob else None,
+                line.nul_terminated, options.root, inputs)
+            if inputs.dce is None:
+                staged.notes.append(
+                    "hand-off rehearsal: no DCE/DL handler, so the SLRT carries no dynamic "
+                    "launch; only for a next kernel that is not a Secure Launch kernel")
+        return staged
     except BaseException:
         for blob in opened:
             blob.close()
         raise
+
+
+def _launch_inputs(options: StageOptions):
+    """Segment-loader inputs; refuses what cannot work before anything is read."""
+    if options.effective_loader != "segments":
+        return None
+    from .launch import segment_loader
+
+    lockdown = _lockdown(options.root)
+    if lockdown in ("integrity", "confidentiality"):
+        raise NotReady(f"kernel lockdown ({lockdown}) refuses kexec_load, which the segment "
+                       "loader needs; only --loader file (kexec_file_load) works here")
+    if options.method == "kexec":
+        return segment_loader.SegmentInputs()
+    from . import probe
+
+    report = probe.probe(probe.ProbeConfig(root=options.root.root))
+    verdict = report.verdicts[options.method]
+    if not verdict.ready:
+        reasons = "; ".join(f"{c.message} [{c.id}]" for c in verdict.reasons)
+        raise NotReady(f"the {options.method} method is not ready: {reasons}")
+    if options.method == "skinit":
+        raise NotReady("SKINIT launches are not implemented yet (no Secure Kernel Loader "
+                       "hand-off); use --method txt or kexec")
+    if not options.sinit_acm or not options.dl_handler:
+        raise NotReady("the txt method needs a SINIT ACM and a DL handler (config)")
+    with open(options.sinit_acm, "rb") as f:
+        dce = f.read()
+    with open(options.dl_handler, "rb") as f:
+        handler = f.read()
+    return segment_loader.SegmentInputs(dce=dce, dl_handler=handler)
+
+
+def _lockdown(root: SysRoot) -> str | None:
+    read = root.read_line("/sys/kernel/security/lockdown")
+    if not read.ok or read.value is None:
+        return None
+    match = re.search(r"\[(\w+)\]", read.value)
+    return match.group(1) if match else None
 
 
 def _sealed_image(path: str, options: StageOptions) -> Blob:
@@ -268,10 +338,15 @@ def _secure_boot(root: SysRoot) -> bool | None:
 def load(staged: StagedImage, root: SysRoot) -> None:
     """kexec_file_load the staged kernel, initrd and command line, then
     confirm /sys/kernel/kexec_loaded reads 1."""
-    kexec.file_load(staged.kernel.fd, staged.initrd.fd if staged.initrd else None,
-                    staged.cmdline.nul_terminated)
+    if staged.loader == "segments":
+        from .launch import segment_loader
+
+        segment_loader.load(staged.segment_plan)
+    else:
+        kexec.file_load(staged.kernel.fd, staged.initrd.fd if staged.initrd else None,
+                        staged.cmdline.nul_terminated)
     if loaded(root) is not True:
-        raise KexecFailed("kexec_file_load returned success but /sys/kernel/kexec_loaded "
+        raise KexecFailed("the kexec load returned success but /sys/kernel/kexec_loaded "
                           "is not 1")
 
 
@@ -289,7 +364,8 @@ def loaded(root: SysRoot) -> bool | None:
 
 
 def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
-    """`--dry-run --output DIR`: kernel, initrd, cmdline, plan.json."""
+    """`--dry-run --output DIR`: kernel, initrd, cmdline, plan.json, and for the
+    segment loader slrt.bin and bootparams.bin."""
     os.makedirs(directory, exist_ok=True)
     written = []
     for blob in (staged.kernel, staged.initrd):
@@ -303,6 +379,13 @@ def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
     with open(target, "wb") as out:
         out.write(staged.cmdline.nul_terminated)
     written.append(target)
+    if staged.segment_plan is not None:
+        for name, data in (("slrt.bin", staged.slrt), ("bootparams.bin",
+                                                       staged.segment_plan.zero_page)):
+            target = os.path.join(directory, name)
+            with open(target, "wb") as out:
+                out.write(data)
+            written.append(target)
     target = os.path.join(directory, "plan.json")
     with open(target, "w") as out:
         json.dump(staged.plan(), out, indent=2)

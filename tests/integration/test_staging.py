@@ -15,7 +15,8 @@ import pytest
 
 from relaunchd import cpio, sealed, staging
 from relaunchd.authenticode import load_certificates
-from relaunchd.errors import InvalidImage, KexecFailed, VerificationFailed
+from relaunchd.errors import InvalidImage, KexecFailed, NotReady, VerificationFailed
+from relaunchd.pe import FileRange
 from relaunchd.sysfs import SysRoot
 
 
@@ -202,3 +203,74 @@ def test_secure_boot_drops_custom_cmdline(image_dir, keys):
         assert staged.cmdline.text.startswith("init=/bin/sh relaunchd.id=")
     finally:
         staged.close()
+
+
+# A 2 GiB QEMU (pc, SeaBIOS) guest's /sys/firmware/memmap, unsorted as sysfs lists it.
+QEMU_2G = {
+    "0": {"start": "0x0", "end": "0x9fbff", "type": "System RAM"},
+    "3": {"start": "0x100000", "end": "0x7ffdffff", "type": "System RAM"},
+    "1": {"start": "0x9fc00", "end": "0x9ffff", "type": "Reserved"},
+    "2": {"start": "0xf0000", "end": "0xfffff", "type": "Reserved"},
+    "4": {"start": "0x7ffe0000", "end": "0x7fffffff", "type": "Reserved"},
+    "5": {"start": "0xfeffc000", "end": "0xfeffffff", "type": "Reserved"},
+    "6": {"start": "0xfffc0000", "end": "0xffffffff", "type": "Reserved"},
+}
+
+
+def test_segment_loader_dry_run(image_dir, keys, tmp_path):
+    from relaunchd import bootparams, slrt
+
+    opts = options(image_dir, keys, loader="segments")
+    platform = Path(opts.root.root)
+    for name, attrs in QEMU_2G.items():
+        d = platform / "sys/firmware/memmap" / name
+        d.mkdir(parents=True)
+        for key, value in attrs.items():
+            (d / key).write_text(value + "\n")
+    staged = staging.prepare(str(image_dir / "signed.efi"), opts)
+    try:
+        out = tmp_path / "out"
+        staging.write_artifacts(staged, str(out))
+    finally:
+        staged.close()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["loader"] == "segments"
+    zero_page = (out / "bootparams.bin").read_bytes()
+    assert len(zero_page) == 4096
+    slr_addr = int.from_bytes(zero_page[0x78:0x80], "little")
+    assert slr_addr == plan["segments"]["slr_table_addr"] != 0
+    assert zero_page[0x1EF] == 0, "sentinel must be 0 or the kernel wipes 0x078"
+    table = slrt.parse((out / "slrt.bin").read_bytes())
+    kinds = {type(e).__name__ for e in table.entries}
+    assert {"DlInfo", "LogInfo", "EntryPolicy", "IntelInfo"} <= kinds
+    seg = {s["name"]: s for s in plan["segments"]["segments"]}
+    assert seg["kernel"]["address"] % (2 << 20) == 0
+    dl = next(e for e in table.entries if type(e).__name__ == "DlInfo")
+    assert dl.dlme_base == seg["kernel"]["address"] and dl.dl_launch == 0
+    # the SLRT lies inside the setup_data segment the zero page points at
+    head = int.from_bytes(zero_page[0x250:0x258], "little")
+    assert head == seg["setup-data"]["address"] <= slr_addr < head + seg["setup-data"]["memsz"]
+    fd = os.open(out / "kernel", os.O_RDONLY)
+    try:
+        header = bootparams.parse_setup_header(FileRange(fd, 0, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+    assert seg["kernel"]["memsz"] >= header.init_size
+    assert any("rehearsal" in n for n in plan["notes"])
+
+
+def test_segment_loader_refused_under_lockdown(image_dir, keys):
+    opts = options(image_dir, keys, loader="segments")
+    lockdown = Path(opts.root.root) / "sys/kernel/security"
+    lockdown.mkdir(parents=True)
+    (lockdown / "lockdown").write_text("none [integrity] confidentiality\n")
+    before = open_fds()
+    with pytest.raises(NotReady, match="lockdown"):
+        staging.prepare(str(image_dir / "signed.efi"), opts)
+    assert open_fds() == before
+
+
+def test_txt_method_not_ready_names_reasons(image_dir, keys):
+    with pytest.raises(NotReady, match=r"txt method is not ready: .*\[cpu-"):
+        staging.prepare(str(image_dir / "signed.efi"),
+                        options(image_dir, keys, method="txt"))

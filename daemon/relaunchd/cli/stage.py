@@ -22,7 +22,15 @@ def register(subparsers) -> None:
                         help="build and verify everything but load nothing")
     parser.add_argument("--output", metavar="DIR",
                         help="with --dry-run: write kernel, initrd, cmdline, plan.json here")
-    parser.add_argument("--method", choices=("kexec", "txt", "skinit"), default="kexec")
+    parser.add_argument("--method", choices=("kexec", "txt", "skinit"), default="kexec",
+                        help="kexec: measured kexec (default); txt/skinit: DRTM via the "
+                             "segment loader")
+    parser.add_argument("--loader", choices=("file", "segments"),
+                        help="file: kexec_file_load (default for kexec); segments: "
+                             "kexec_load with relaunchd's zero page, SLRT and purgatory "
+                             "(with --method kexec: a hand-off rehearsal without DRTM)")
+    parser.add_argument("--sinit-acm", metavar="FILE", help="SINIT ACM for --method txt")
+    parser.add_argument("--dl-handler", metavar="FILE", help="DL handler for --method txt")
     parser.add_argument("--profile", type=int, metavar="N")
     parser.add_argument("--cert", action="append", default=[], metavar="FILE",
                         help="trusted certificate (PEM/DER, repeatable); the image must "
@@ -64,7 +72,8 @@ def run_stage(args: argparse.Namespace) -> int:
     options = staging.StageOptions(
         method=args.method, profile=args.profile, custom_cmdline=args.cmdline,
         append=args.append, trusted=trusted, allow_unsigned=args.insecure_allow_unsigned,
-        root=SysRoot(args.root))
+        root=SysRoot(args.root), loader=args.loader, sinit_acm=args.sinit_acm,
+        dl_handler=args.dl_handler)
     if args.image_dir:
         options.policy = sealed.ImagePolicy(tuple(args.image_dir), args.follow_symlinks)
     elif args.follow_symlinks:
@@ -94,6 +103,12 @@ def run_stage(args: argparse.Namespace) -> int:
             else:
                 print("  initrd   none")
             print(f"  cmdline  {staged.cmdline.text}")
+            if staged.segment_plan is not None:
+                seg = staged.segment_plan
+                print(f"  loader   segments, entry 0x{seg.entry:x}, slr_table_addr "
+                      f"0x{seg.slrt_address or 0:x}")
+                for item in seg.segments:
+                    print(f"    {item.name:<11} 0x{item.address:010x}  {human_size(item.memsz)}")
             for note in plan["notes"]:
                 print(f"  note: {note}", file=sys.stderr)
             for path in written:

@@ -1,0 +1,120 @@
+"""The x86_64 Secure Launch segment loader: staged kernel/initrd/cmdline →
+kexec_load segments carrying an SLRT (drtm.md §2.6, kexec-load-notes.md).
+
+`plan()` is pure apart from reading the platform through one SysRoot (the
+firmware memory map, the ACPI RSDP); `load()` makes the syscall. The SLRT
+rides in a setup_data node and `boot_params.slr_table_addr` (0x078) points at
+it, so a Secure Launch v16 kernel's decompressor finds it and calls
+DL_INFO.dl_launch; a stock kernel ignores the field, and the table stays
+readable under /sys/kernel/boot_params/setup_data/.
+
+Without a DL handler and SINIT ACM (`SegmentInputs.dce is None`) the plan is a
+*hand-off rehearsal*: DL_INFO carries no DCE and no handler. That proves the
+loader on machines without TXT but must only be used with a next kernel that
+is not itself a Secure Launch kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .. import kexec, memmap, segments, slrt
+from ..errors import NotReady
+from ..pe import FileRange
+from ..sysfs import SysRoot
+
+LOG_SIZE = 64 << 10          # DRTM event log buffer (TPM 2.0 format)
+MLE_ENTRY_OFFSET = 0x200     # startup_64: the 64-bit entry of the protected-mode kernel
+
+
+@dataclass(frozen=True)
+class SegmentInputs:
+    architecture: int = slrt.ARCH_INTEL_TXT
+    dce: bytes | None = None             # SINIT ACM (Intel) — None: rehearsal
+    dl_handler: bytes | None = None
+    dl_handler_entry: int = 0            # offset of the handler's entry in its blob
+    intel_info: slrt.IntelInfo | None = None
+    seal_pcr: int = slrt.SEAL_PCR
+    data_pcr: int = slrt.DATA_PCR
+    layout: int = slrt.LAYOUT_V16
+
+
+def plan(kernel: FileRange, initrd: FileRange | None, cmdline: bytes, root: SysRoot,
+         inputs: SegmentInputs) -> tuple[segments.SegmentPlan, bytes]:
+    """Place every segment and build the zero page and SLRT; returns the plan
+    and the SLRT bytes as placed."""
+    if (inputs.dce is None) != (inputs.dl_handler is None):
+        raise NotReady("a DRTM launch needs both the DCE (SINIT ACM) and the DL handler")
+    mem = memmap.read_memmap(root)
+    # The log buffer must survive into the new kernel: reserved in its e820.
+    extras = [segments.Blob(name="drtm-log", data=bytes(LOG_SIZE), align=4096, reserve=True)]
+    if inputs.dce is not None:
+        # SINIT needs 4 KiB alignment and lives below 4 GiB (TXT SDG §A.1).
+        extras.append(segments.Blob(name="sinit", data=inputs.dce, align=4096))
+        extras.append(segments.Blob(name="dl-handler", data=inputs.dl_handler or b"",
+                                    align=4096))
+    measured_cmdline = slrt.measured_cmdline(cmdline)
+    built: dict[str, bytes] = {}
+
+    def build_slrt(addresses) -> bytes:
+        kernel_base, kernel_size = addresses[segments.KERNEL]
+        log_addr, log_size = addresses["drtm-log"]
+        dce_base, dce_size = addresses.get("sinit", (0, 0))
+        handler = addresses.get("dl-handler")
+        initrd_region = (slrt.Region(*addresses[segments.INITRD])
+                         if segments.INITRD in addresses else None)
+        setup = addresses.get(segments.SETUP_DATA, (0, 0))[0]
+        policy = slrt.default_policy(
+            slrt_base=addresses[segments.SLRT][0],
+            cmdline=slrt.Region(addresses[segments.CMDLINE][0], len(measured_cmdline)),
+            zero_page=addresses[segments.ZERO_PAGE][0], initrd=initrd_region,
+            setup_data=setup, seal_pcr=inputs.seal_pcr, data_pcr=inputs.data_pcr)
+        entries: list = [
+            slrt.DlInfo(dce_base=dce_base, dce_size=dce_size, dlme_base=kernel_base,
+                        dlme_size=kernel_size, dlme_entry=MLE_ENTRY_OFFSET,
+                        dl_launch=(handler[0] + inputs.dl_handler_entry) if handler else 0,
+                        dlme_config_table=addresses[segments.ZERO_PAGE][0]),
+            slrt.LogInfo(addr=log_addr, size=log_size),
+            policy,
+        ]
+        if inputs.architecture == slrt.ARCH_INTEL_TXT:
+            entries.append(inputs.intel_info or slrt.IntelInfo(
+                txt_heap=0, saved_misc_enable=0, default_mem_type=0,
+                boot_params_addr=addresses[segments.ZERO_PAGE][0]))
+        table = slrt.Table(architecture=inputs.architecture, entries=tuple(entries))
+        built["slrt"] = slrt.build(table, layout=inputs.layout)
+        return built["slrt"]
+
+    builder = segments.SlrtBuilder(size=slrt.DEFAULT_MAX_SIZE, build=build_slrt)
+    result = segments.plan_segments(kernel, cmdline=measured_cmdline, memmap=mem,
+                                    initrd=initrd, slrt=builder, extras=extras,
+                                    facts=segments.BootFacts(acpi_rsdp=acpi_rsdp(root)))
+    return result, built["slrt"]
+
+
+def acpi_rsdp(root: SysRoot) -> int:
+    """The RSDP from the EFI system table listing; 0 on a BIOS boot, where the
+    decompressor scans for it itself (kexec-load-notes.md)."""
+    read = root.read_text("/sys/firmware/efi/systab")
+    if not read.ok or read.value is None:
+        return 0
+    for key in ("ACPI20", "ACPI"):
+        m = re.search(rf"^{key}=(0x[0-9a-fA-F]+)$", read.value, re.M)
+        if m:
+            return int(m.group(1), 16)
+    return 0
+
+
+def load(result: segments.SegmentPlan) -> None:
+    """kexec_load the planned segments, entering at the purgatory."""
+    load_segments = []
+    for seg in result.segments:
+        if isinstance(seg.data, FileRange):
+            load_segments.append(kexec.LoadSegment(
+                address=seg.address, memsz=seg.memsz, fd=seg.data.fd,
+                offset=seg.data.offset, length=seg.data.length))
+        else:
+            load_segments.append(kexec.LoadSegment(address=seg.address, memsz=seg.memsz,
+                                                   data=bytes(seg.data)))
+    kexec.segment_load(result.entry, load_segments)
