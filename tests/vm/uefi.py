@@ -1,0 +1,46 @@
+"""A UEFI boot of the guest: OVMF → systemd-boot → a UKI of the guest's own
+kernel and initrd, so Debian's systemd-stub measures the UKI into PCR 11 of
+the swtpm TPM (and systemd-pcrphase extends its phases on top)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from support import ukibuild
+
+from .image import GuestImage
+
+SYSTEMD_BOOT = Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+UKI_NAME = "relaunchd-guest.efi"
+
+
+def guest_uki(image: GuestImage, out: Path) -> Path:
+    """The guest's kernel, initrd and command line as a UKI on Debian's stub."""
+    return ukibuild.build_uki(ukibuild.UkiSpec([
+        (".osrel", ukibuild.OS_RELEASE),
+        (".cmdline", image.cmdline.encode()),
+        (".uname", image.release.encode()),
+        (".initrd", image.initrd),
+        (".linux", image.kernel),
+    ]), out)
+
+
+def make_esp(uki: Path, directory: Path) -> Path:
+    """An ESP tree: systemd-boot as the removable-media loader, the UKI as a
+    Type #2 entry it finds by itself, no menu delay."""
+    shutil.rmtree(directory, ignore_errors=True)
+    (directory / "EFI" / "BOOT").mkdir(parents=True)
+    (directory / "EFI" / "Linux").mkdir(parents=True)
+    (directory / "loader").mkdir()
+    shutil.copyfile(SYSTEMD_BOOT, directory / "EFI" / "BOOT" / "BOOTX64.EFI")
+    shutil.copyfile(uki, directory / "EFI" / "Linux" / UKI_NAME)
+    (directory / "loader" / "loader.conf").write_text("timeout 0\n")
+    return directory
+
+
+def extend(pcr: str, word: str) -> str:
+    """sha256 PCR extend with the digest of a phase word, as systemd-pcrphase does."""
+    digest = hashlib.sha256(word.encode()).digest()
+    return hashlib.sha256(bytes.fromhex(pcr) + digest).hexdigest()
