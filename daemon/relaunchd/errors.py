@@ -70,3 +70,17 @@ class NoRoom(RelaunchError):
     """A kexec segment does not fit in free RAM under its constraints."""
 
     name = "NoRoom"
+
+
+class ConfigError(RelaunchError):
+    """The configuration file is unusable; the message names the file, line and key path."""
+
+    name = "InvalidConfig"
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None,
+                 line: int | None = None, column: int | None = None) -> None:
+        where = ", ".join(part for part in (
+            file, f"line {line}" if line is not None else None,
+            f"column {column}" if column is not None else None) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file, self.key, self.line, self.column = file, key, line, column

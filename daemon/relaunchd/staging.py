@@ -118,6 +118,9 @@ class StagedImage:
             "pcr11_phases": report["pcr11_phases"],
             "loader": self.loader,
             "segments": self.segment_plan.to_json() if self.segment_plan else None,
+            "slrt": ({"address": self.segment_plan.slrt_address, "size": len(self.slrt),
+                      "sha256": hashlib.sha256(self.slrt).hexdigest()}
+                     if self.slrt is not None else None),
             "notes": self.notes + self.cmdline.notes,
         }
 

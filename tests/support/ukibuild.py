@@ -242,6 +242,8 @@ def newc_cpio(files: dict[str, bytes]) -> bytes:
             p = Path(tmp) / name
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(content)
+            if content.startswith(b"#!"):
+                p.chmod(0o755)
         listing = "\n".join(sorted(files)) + "\n"
         proc = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=listing.encode(),
                               capture_output=True, cwd=tmp, check=True)

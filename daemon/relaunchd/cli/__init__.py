@@ -26,7 +26,8 @@ EXIT_INVALID = 2
 EXIT_INTERNAL = 3
 
 # Command modules, in the order `--help` lists them.
-COMMANDS = ("inspect", "verify", "check", "stage")
+COMMANDS = ("inspect", "verify", "check", "stage",
+            "status", "images", "relaunch", "cancel", "history")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -1,4 +1,8 @@
-"""`relaunchctl stage` and `relaunchctl unload` (local, without the daemon)."""
+"""`relaunchctl stage` and `relaunchctl unload`.
+
+`stage` goes through relaunchd (D-Bus, `busclient.stage`) when it is reachable and no
+local-only option is given; `--local` (or relaunchd being absent) stages in this process.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,12 @@ def register(subparsers) -> None:
                         help="build and verify everything but load nothing")
     parser.add_argument("--output", metavar="DIR",
                         help="with --dry-run: write kernel, initrd, cmdline, plan.json here")
-    parser.add_argument("--method", choices=("kexec", "txt", "skinit"), default="kexec",
+    parser.add_argument("--local", action="store_true",
+                        help="stage in this process, without relaunchd (the daemon is used "
+                             "when reachable and no local-only option is given)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="through relaunchd: return once staging has started")
+    parser.add_argument("--method", choices=("kexec", "txt", "skinit"),
                         help="kexec: measured kexec (default); txt/skinit: DRTM via the "
                              "segment loader")
     parser.add_argument("--loader", choices=("file", "segments"),
@@ -58,7 +67,18 @@ def register(subparsers) -> None:
     unload.set_defaults(func=run_unload)
 
 
+LOCAL_ONLY = ("dry_run", "output", "sinit_acm", "dl_handler", "cert", "insecure_allow_unsigned",
+              "image_dir", "follow_symlinks")
+
+
 def run_stage(args: argparse.Namespace) -> int:
+    local = args.local or args.root != "/" or any(getattr(args, o) for o in LOCAL_ONLY)
+    if not local:
+        from . import busclient
+
+        if busclient.daemon_available():
+            return busclient.stage(args)
+    args.method = args.method or "kexec"
     from .. import sealed, staging
     from ..sysfs import SysRoot
 

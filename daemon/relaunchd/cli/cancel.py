@@ -1,0 +1,28 @@
+"""`relaunchctl cancel`: stop staging, or unload the staged image."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import EXIT_OK
+from .busclient import connect, handled, interactive
+from .output import print_json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("cancel", help="cancel staging / unload (over D-Bus)",
+                                   description="Cancel a staging in progress or unload the "
+                                               "staged image; relaunchd returns to idle.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=handled(run))
+
+
+def run(args: argparse.Namespace) -> int:
+    client = connect()
+    client.call("Cancel", interactive=interactive())
+    state = client.get("State")
+    if args.json:
+        print_json({"cancelled": True, "state": state})
+    else:
+        print(f"cancelled; relaunchd is {state}")
+    return EXIT_OK

@@ -1,0 +1,240 @@
+"""`relaunchd`: the service process — config, engine, D-Bus service, main loop.
+
+systemd integration (`Type=notify`): READY=1 once the bus name is owned, STATUS= on
+every state change, WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM. The
+process sleeps in the GLib main loop: no timer exists unless the watchdog asks for one.
+
+Journal messages carry these MESSAGE_IDs (stable; docs/dbus-api.md lists them too):
+  87b4b87f1a2143238de3e8af19a34d6a  staging started
+  3763d68974604e1cafacf0c7c26f6750  image staged
+  7b7b7ffb71044338b515f239ed8dc55b  relaunch started (quiescing / hand-off)
+  3b2b449eafb24db1ac3426aa30be85dc  operation failed (LastError)
+
+Test-only hooks (never set them in a unit file; tests/integration/test_bus_*.py uses them):
+  RELAUNCHD_TEST_ENGINE=module      import `module` and use its `Engine` (and its
+                                    `load_config`, if it has one) instead of relaunchd's
+  RELAUNCHD_TEST_PLATFORM=module:fn pass `fn(config)` as the engine's `platform=`, e.g. a
+                                    fake whose load/hand-off touch nothing on the host
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from . import __version__
+from .errors import RelaunchError
+
+DEFAULT_CONFIG = "/etc/relaunchd/relaunchd.yaml"
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+MESSAGE_IDS = {
+    "staging": "87b4b87f1a2143238de3e8af19a34d6a",
+    "staged": "3763d68974604e1cafacf0c7c26f6750",
+    "relaunch": "7b7b7ffb71044338b515f239ed8dc55b",
+    "failure": "3b2b449eafb24db1ac3426aa30be85dc",
+}
+
+log = logging.getLogger("relaunchd")
+
+
+def _notify(message: str) -> None:
+    """sd_notify when systemd is listening; silently nothing otherwise."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        from systemd import daemon as sd_daemon
+    except ImportError:
+        return
+    sd_daemon.notify(message)
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler: logging.Handler | None = None
+    # Under systemd stderr is the journal stream already, but the native protocol keeps
+    # the structured fields (MESSAGE_ID, RELAUNCH_ID, ERROR_NAME).
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        try:
+            from systemd.journal import JournalHandler
+
+            handler = JournalHandler(SYSLOG_IDENTIFIER="relaunchd")
+        except ImportError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("relaunchd: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _import_hook(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attr) if attr else loaded
+
+
+def load_config(path: str) -> Any:
+    hook = os.environ.get("RELAUNCHD_TEST_ENGINE")
+    if hook:
+        module = _import_hook(hook)
+        if hasattr(module, "load_config"):
+            return module.load_config(path)
+    from .config import load_config as load
+
+    return load(path)
+
+
+def make_engine(config: Any, notify) -> Any:
+    hook = os.environ.get("RELAUNCHD_TEST_ENGINE")
+    if hook:
+        engine_class = _import_hook(hook).Engine
+        log.warning("test hook: engine from %s", hook)
+    else:
+        from .engine import Engine as engine_class
+    platform = None
+    platform_hook = os.environ.get("RELAUNCHD_TEST_PLATFORM")
+    if platform_hook:
+        log.warning("test hook: platform from %s", platform_hook)
+        platform = _import_hook(platform_hook)(config)
+    return engine_class(config, platform=platform, notify=notify)
+
+
+class Journal:
+    """Turns engine state changes into structured journal records and sd_notify STATUS."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.state = None
+
+    def __call__(self, names: set[str]) -> None:
+        if "State" not in names:
+            return
+        state = self.engine.state
+        if state == self.state:
+            return
+        self.state = state
+        staged = self.engine.staged_image or {}
+        fields = {"RELAUNCHD_STATE": state}
+        if staged.get("id"):
+            fields["RELAUNCH_ID"] = str(staged["id"])
+        if state == "staging":
+            self._log(logging.INFO, "staging", "staging an image", fields)
+        elif state == "staged":
+            self._log(logging.INFO, "staged",
+                      f"staged {staged.get('path', 'an image')} (id {staged.get('id', '?')})",
+                      fields)
+        elif state in ("quiescing", "relaunching"):
+            self._log(logging.WARNING, "relaunch", f"relaunch started ({state})", fields)
+        elif state == "failed":
+            err = self.engine.last_error or {}
+            name = str(err.get("name", "Failed"))
+            fields["ERROR_NAME"] = name
+            self._log(logging.ERROR, "failure", f"{name}: {err.get('message', '')}", fields)
+        _notify(f"STATUS={state}")
+
+    def _log(self, level: int, what: str, text: str, fields: dict[str, str]) -> None:
+        log.log(level, text, extra={"MESSAGE_ID": MESSAGE_IDS[what], **fields})
+
+
+def serve(config: Any) -> int:
+    from . import bus
+
+    try:
+        connection = bus.system_bus()
+    except bus.FAILURES as exc:
+        print(f"relaunchd: no system bus: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    holder: dict[str, Any] = {}
+
+    def notify(names) -> None:   # any engine thread; the service marshals to the loop
+        service = holder.get("service")
+        if service is not None:
+            service.notify(names)
+
+    engine = make_engine(config, notify)
+    service = bus.Service(engine, connection)
+    holder["service"] = service
+    journal = Journal(engine)
+    service.on_change(journal)
+    loop = bus.main_loop()
+    try:
+        try:
+            service.register()
+            service.request_name()
+        except bus.FAILURES as exc:   # name taken, or the bus policy says no
+            print(f"relaunchd: cannot serve {bus.BUS_NAME}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        if not service.leak_shim:
+            log.info("GLib per-call unref shim not applied (GLib is not 2.74)")
+
+        def stop() -> None:
+            log.info("stopping")
+            _notify("STOPPING=1")
+            loop.quit()
+
+        bus.on_unix_signal(signal.SIGTERM, stop)
+        bus.on_unix_signal(signal.SIGINT, stop)
+        watchdog = _watchdog_interval()
+        if watchdog:
+            bus.every(watchdog, lambda: _notify("WATCHDOG=1"))
+        journal({"State"})
+        _notify(f"READY=1\nSTATUS={engine.state}")
+        log.info("relaunchd %s on the bus as %s, state %s", __version__, bus.BUS_NAME,
+                 engine.state)
+        loop.run()
+    finally:
+        service.close()
+        engine.close()
+    return EXIT_OK
+
+
+def _watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2 / 1_000_000
+    except ValueError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relaunchd",
+                                     description="The relaunchd service (D-Bus: "
+                                                 "org.relaunchd.Relaunch1).")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration and exit")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"relaunchd {__version__}")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        config = load_config(args.config)
+    except RelaunchError as exc:
+        print(f"relaunchd: {exc.name}: {exc}", file=sys.stderr)
+        _notify(f"STATUS={exc.name}: {exc}")
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"relaunchd: InvalidConfig: {args.config}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"{args.config}: OK")
+        return EXIT_OK
+    try:
+        return serve(config)
+    except RelaunchError as exc:
+        log.error("%s: %s", exc.name, exc, extra={"MESSAGE_ID": MESSAGE_IDS["failure"]})
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

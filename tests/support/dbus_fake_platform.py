@@ -1,0 +1,42 @@
+"""A test-only `engine.Platform` for the bus tests with the real engine
+(RELAUNCHD_TEST_PLATFORM=dbus_fake_platform:make). Verification is real
+(`staging.prepare`); the kexec load is a file, and the hand-off only writes a marker:
+nothing here can load a kernel, reboot or start kexec.target on the host.
+
+Environment: FAKE_LOAD_DELAY (s, default 0) slows the load so a test can kill the
+daemon mid-staging.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from relaunchd.engine import Platform
+
+
+class FakePlatform(Platform):
+    def __init__(self, config) -> None:
+        base = Platform.for_config(config)
+        super().__init__(base.root, base.probe_config)
+        self.flag = Path(config.runtime_dir) / "fake-kexec-loaded"
+        self.handoffs = Path(config.runtime_dir) / "fake-handoffs"
+
+    def kexec_loaded(self) -> bool | None:
+        return self.flag.exists() and self.flag.read_text() == "1"
+
+    def load(self, staged) -> None:
+        time.sleep(float(os.environ.get("FAKE_LOAD_DELAY", "0")))
+        self.flag.write_text("1")
+
+    def unload(self) -> None:
+        self.flag.write_text("0")
+
+    def handoff(self, kind: str) -> None:
+        with open(self.handoffs, "a") as f:
+            f.write(kind + "\n")
+
+
+def make(config) -> FakePlatform:
+    return FakePlatform(config)

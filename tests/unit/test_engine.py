@@ -1,0 +1,775 @@
+"""The engine's state machine with a fake platform: transitions, Busy, cancel,
+failure without leftovers, reconcile, relaunch hand-off and roll-back, notify."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relaunchd import state
+from relaunchd.config import Config, LaunchConfig, TrustConfig
+from relaunchd.engine import Engine
+from relaunchd.errors import (
+    Busy,
+    InvalidArgument,
+    InvalidImage,
+    KexecFailed,
+    NotReady,
+    NotStaged,
+    RelaunchError,
+    Unsupported,
+    VerificationFailed,
+)
+from relaunchd.probe import Check, Report, Verdict
+from relaunchd.sysfs import Read
+
+PROPERTIES = {"State", "Progress", "StagedImage", "Capabilities", "CanRelaunch",
+              "LastRelaunch", "LastError", "Version"}
+BOOT_ID = "0f6e4d1c-0000-4000-8000-000000000001"
+
+
+# ------------------------------------------------------------------ fakes
+
+@dataclass
+class FakeBlob:
+    sha256: str
+
+
+@dataclass
+class FakeCmdline:
+    text: str
+
+
+@dataclass
+class FakeStaged:
+    """What staging.prepare returns, as far as the engine looks."""
+
+    id: str
+    source: str
+    method: str
+    loader: str
+    kernel: FakeBlob = field(default_factory=lambda: FakeBlob("11" * 32))
+    initrd: FakeBlob | None = field(default_factory=lambda: FakeBlob("22" * 32))
+    cmdline: FakeCmdline = field(default_factory=lambda: FakeCmdline("console=ttyS0"))
+    closed: int = 0
+
+    def plan(self) -> dict:
+        return {"pcr11": {"sha256": "33" * 32}, "pcr11_phases": {"enter-initrd": {}}}
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def make_report(ready: set[str] = frozenset({"kexec"}), kexec_core: bool = True) -> Report:
+    verdicts = {m: Verdict(m, (Check(f"{m}-ok", True, "fine"),) if m in ready
+                           else (Check(f"{m}-missing", False, "not here"),))
+                for m in ("txt", "skinit", "kexec")}
+    facts = {"kexec.support": Read("/sys/kernel/kexec_loaded",
+                                   {"kexec_core": kexec_core, "kexec_file_load": True})}
+    return Report("/", facts, verdicts)
+
+
+class FakePlatform:
+    def __init__(self, loaded: bool | None = False, report: Report | None = None) -> None:
+        self.loaded = loaded
+        self.report = report or make_report()
+        self.calls: list[tuple] = []
+        self.staged: list[FakeStaged] = []
+        self.options: list[Any] = []
+        self.fail_prepare: BaseException | None = None
+        self.fail_load: BaseException | None = None
+        self.fail_unload: BaseException | None = None
+        self.fail_handoff: BaseException | None = None
+        self.load_leaves_unloaded = False
+        self.progress_calls = 0
+        self.progress_delay = 0.0
+        self.in_prepare = threading.Event()
+        self.release_prepare = threading.Event()
+        self.release_prepare.set()
+        self.in_load = threading.Event()
+        self.release_load = threading.Event()
+        self.release_load.set()
+
+    def kexec_loaded(self) -> bool | None:
+        return self.loaded
+
+    def prepare(self, path, options, progress=None):
+        self.calls.append(("prepare", path))
+        self.options.append(options)
+        self.in_prepare.set()
+        for i in range(self.progress_calls):
+            progress("verifying", i + 1, self.progress_calls)
+            if self.progress_delay:
+                time.sleep(self.progress_delay)
+        while not self.release_prepare.wait(0.005):
+            progress("verifying", 1, 2)          # the engine's chance to cancel
+        if self.fail_prepare is not None:
+            raise self.fail_prepare
+        staged = FakeStaged(options.relaunch_id, path, options.method,
+                            options.effective_loader)
+        self.staged.append(staged)
+        return staged
+
+    def load(self, staged) -> None:
+        self.calls.append(("load", staged.id))
+        self.in_load.set()
+        self.release_load.wait(10)
+        if self.fail_load is not None:
+            raise self.fail_load
+        self.loaded = not self.load_leaves_unloaded
+
+    def unload(self) -> None:
+        self.calls.append(("unload",))
+        if self.fail_unload is not None:
+            raise self.fail_unload
+        self.loaded = False
+
+    def handoff(self, kind: str) -> None:
+        self.calls.append(("handoff", kind))
+        if self.fail_handoff is not None:
+            raise self.fail_handoff
+
+    def probe(self) -> Report:
+        return self.report
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+
+class Recorder:
+    """The notify callback: every set of names, from any thread."""
+
+    def __init__(self) -> None:
+        self.calls: list[set[str]] = []
+        self.lock = threading.Lock()
+        self.engine: Engine | None = None
+        self.states: list[str] = []
+
+    def __call__(self, names: set[str]) -> None:
+        with self.lock:
+            self.calls.append(set(names))
+            if self.engine is not None and "State" in names:
+                self.states.append(self.engine.state)   # reading inside notify must work
+
+    def all(self) -> set[str]:
+        return set().union(*self.calls) if self.calls else set()
+
+    def count(self, name: str) -> int:
+        return sum(1 for c in self.calls if name in c)
+
+
+@dataclass
+class Env:
+    config: Config
+    platform: FakePlatform
+    notes: Recorder
+    image: str
+    tmp: Path
+
+    def engine(self, **kw) -> Engine:
+        engine = Engine(self.config, platform=self.platform, notify=self.notes, **kw)
+        self.notes.engine = engine
+        return engine
+
+    @property
+    def staged_json(self) -> Path:
+        return Path(self.config.runtime_dir) / state.STAGED
+
+    @property
+    def pending_json(self) -> Path:
+        return Path(self.config.state_dir) / state.PENDING
+
+
+def make_config(tmp: Path, cert: str | None, **kw) -> Config:
+    return Config(root=str(tmp / "platform"), state_dir=str(tmp / "state"),
+                  runtime_dir=str(tmp / "run"), image_dirs=(str(tmp / "images"),),
+                  trust=TrustConfig(certificates=(cert,) if cert else ()), **kw)
+
+
+@pytest.fixture
+def env(tmp_path, keys) -> Env:
+    (tmp_path / "images").mkdir(mode=0o755)
+    image = tmp_path / "images" / "linux.efi"
+    image.write_bytes(b"MZ not really a UKI; the fake platform never parses it")
+    kernel = tmp_path / "platform" / "proc" / "sys" / "kernel" / "random"
+    kernel.mkdir(parents=True)
+    (kernel / "boot_id").write_text(BOOT_ID + "\n")
+    return Env(make_config(tmp_path, str(keys["db"].cert)), FakePlatform(), Recorder(),
+               str(image), tmp_path)
+
+
+def staged_engine(env: Env) -> tuple[Engine, str]:
+    engine = env.engine()
+    relaunch_id = engine.stage(env.image)
+    assert engine.wait(5) == "staged"
+    return engine, relaunch_id
+
+
+# ------------------------------------------------------------------ properties
+
+def test_initial_properties(env):
+    engine = env.engine()
+    assert engine.state == "idle"
+    assert engine.progress == {"step": "", "done": 0, "total": 0, "percent": 0}
+    assert engine.staged_image == {}
+    assert engine.can_relaunch == "no"
+    assert engine.last_error == {} and engine.last_relaunch == {}
+    assert engine.version
+    caps = engine.capabilities
+    assert caps["kexec"] == {"ready": True, "reasons": []}
+    assert caps["txt"] == {"ready": False, "reasons": ["txt-missing"]}
+    assert caps["best"] == "kexec"
+    json.dumps([engine.progress, engine.staged_image, caps, engine.last_error])
+    caps["best"] = "mutated"
+    assert engine.capabilities["best"] == "kexec"     # copies, not the engine's own dicts
+    assert env.platform.names() == []                 # nothing loaded, nothing unloaded
+
+
+def test_can_relaunch_na_without_kexec(env):
+    env.platform.report = make_report(ready=set(), kexec_core=False)
+    engine = env.engine()
+    assert engine.can_relaunch == "na"
+    assert engine.capabilities["best"] is None
+
+
+def test_can_relaunch_na_when_drtm_required_but_absent(env, tmp_path):
+    env.config = make_config(tmp_path, env.config.trust.certificates[0],
+                             launch=LaunchConfig(require_drtm=True))
+    engine = env.engine()
+    assert engine.can_relaunch == "na" and engine.capabilities["best"] is None
+    with pytest.raises(NotReady, match="require_drtm"):
+        engine.stage(env.image)
+    with pytest.raises(NotReady, match="require_drtm"):
+        engine.stage(env.image, method="kexec")
+
+
+def test_best_prefers_drtm(env):
+    env.platform.report = make_report(ready={"txt", "kexec"})
+    engine = env.engine()
+    assert engine.capabilities["best"] == "txt"
+
+
+# ------------------------------------------------------------------ stage
+
+def test_stage_to_staged(env):
+    engine = env.engine()
+    relaunch_id = engine.stage(env.image, append=["quiet"], cmdline="x=1", profile=0)
+    assert engine.wait(5) == "staged"
+    assert env.platform.names() == ["prepare", "load"]
+    options = env.platform.options[0]
+    assert options.relaunch_id == relaunch_id and options.method == "kexec"
+    assert options.append == ["quiet"] and options.custom_cmdline == "x=1"
+    assert options.profile == 0 and options.add_id_argument is True
+    assert options.policy.allowed_dirs == env.config.image_dirs
+    assert len(options.trusted) == 1
+    image = engine.staged_image
+    assert image == {"id": relaunch_id, "path": env.image, "method": "kexec", "loader": "file",
+                     "kernel_sha256": "11" * 32, "initrd_sha256": "22" * 32,
+                     "cmdline": "console=ttyS0", "staged_at": image["staged_at"]}
+    record = json.loads(env.staged_json.read_text())
+    assert record["id"] == relaunch_id and record["kernel_sha256"] == "11" * 32
+    assert record["predictions"]["pcr11"] == {"sha256": "33" * 32}
+    assert engine.can_relaunch == "yes"
+    assert engine.progress["percent"] == 100
+    assert {"State", "Progress", "StagedImage", "CanRelaunch"} <= env.notes.all()
+    assert env.notes.all() <= PROPERTIES
+    assert env.notes.states == ["staging", "staged"]
+    assert [h["event"] for h in engine.history()] == ["staged"]
+    assert env.platform.staged[0].closed == 0          # memfds stay open while staged
+
+
+def test_stage_uses_configured_append_and_method(env, tmp_path):
+    from relaunchd.config import CmdlineConfig
+
+    env.config = make_config(tmp_path, env.config.trust.certificates[0],
+                             cmdline=CmdlineConfig(append=("a=1",), id_argument=False))
+    env.platform.report = make_report(ready={"txt", "kexec"})
+    engine = env.engine()
+    engine.stage(env.image, append=("b=2",))
+    engine.wait(5)
+    options = env.platform.options[0]
+    assert options.append == ["a=1", "b=2"] and options.add_id_argument is False
+    assert options.method == "txt" and options.effective_loader == "segments"
+    assert options.dl_handler.startswith(env.config.root)   # a platform path, under root
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"path": "relative.efi"}, InvalidArgument),
+    ({"method": "grub"}, InvalidArgument),
+    ({"loader": "magic"}, InvalidArgument),
+    ({"profile": -1}, InvalidArgument),
+    ({"append": "quiet"}, InvalidArgument),
+    ({"path": "/etc/passwd"}, InvalidImage),
+])
+def test_stage_refused_synchronously(env, kwargs, error):
+    engine = env.engine()
+    path = kwargs.pop("path", env.image)
+    with pytest.raises(error):
+        engine.stage(path, **kwargs)
+    assert engine.state == "idle" and engine.last_error == {}
+    assert env.platform.calls == []
+    engine.stage(env.image)                   # the op lock was released
+    assert engine.wait(5) == "staged"
+
+
+def test_stage_without_trust_refused(env, tmp_path):
+    env.config = make_config(tmp_path, None)
+    engine = env.engine()
+    with pytest.raises(VerificationFailed, match="trust.certificates"):
+        engine.stage(env.image)
+    assert engine.state == "idle"
+
+
+def test_stage_missing_certificate_file(env, tmp_path):
+    env.config = make_config(tmp_path, str(tmp_path / "missing.pem"))
+    with pytest.raises(InvalidArgument, match="missing.pem"):
+        env.engine().stage(env.image)
+
+
+@pytest.mark.parametrize("where", ["prepare", "load", "load-not-loaded"])
+def test_stage_failure_leaves_nothing(env, where):
+    if where == "prepare":
+        env.platform.fail_prepare = VerificationFailed("bad signature")
+    elif where == "load":
+        env.platform.fail_load = KexecFailed("kexec_file_load: EPERM")
+    else:
+        env.platform.load_leaves_unloaded = True
+    engine = env.engine()
+    relaunch_id = engine.stage(env.image)
+    assert engine.wait(5) == "failed"
+    error = engine.last_error
+    expected = {"prepare": "VerificationFailed", "load": "KexecFailed",
+                "load-not-loaded": "KexecFailed"}[where]
+    assert error["name"] == expected and error["message"] and error["time"]
+    assert not env.staged_json.exists()
+    assert env.platform.loaded is False
+    assert engine.staged_image == {} and engine.can_relaunch == "no"
+    assert all(s.closed == 1 for s in env.platform.staged)
+    assert engine.history()[-1]["event"] == "stage-failed"
+    assert engine.history()[-1]["id"] == relaunch_id
+    assert "LastError" in env.notes.all()
+    # failed is not a dead end: a new stage clears LastError
+    env.platform.fail_prepare = env.platform.fail_load = None
+    env.platform.load_leaves_unloaded = False
+    engine.stage(env.image)
+    assert engine.wait(5) == "staged" and engine.last_error == {}
+
+
+def test_unexpected_exception_becomes_failed(env):
+    env.platform.fail_prepare = ZeroDivisionError("bug")
+    engine = env.engine()
+    engine.stage(env.image)
+    assert engine.wait(5) == "failed"
+    assert engine.last_error["name"] == "Failed"
+    assert "ZeroDivisionError" in engine.last_error["message"]
+
+
+def test_failure_after_partial_load_unloads(env, monkeypatch):
+    """If recording fails after the load, the image is unloaded again."""
+    engine = env.engine()
+
+    def broken(record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine._store, "save_staged", broken)
+    engine.stage(env.image)
+    assert engine.wait(5) == "failed"
+    assert env.platform.names() == ["prepare", "load", "unload"]
+    assert env.platform.loaded is False and not env.staged_json.exists()
+    assert "No space left" in engine.last_error["message"]
+
+
+def test_concurrent_stage_one_busy(env):
+    env.platform.release_prepare.clear()
+    engine = env.engine()
+    barrier = threading.Barrier(2)
+    results: list[Any] = []
+
+    def call():
+        barrier.wait()
+        try:
+            results.append(engine.stage(env.image))
+        except Busy as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert sorted(type(r).__name__ for r in results) == ["Busy", "str"]
+    assert engine.state == "staging"
+    with pytest.raises(Busy):
+        engine.relaunch()
+    with pytest.raises(Busy):
+        engine.reconcile()
+    env.platform.release_prepare.set()
+    assert engine.wait(5) == "staged"
+    assert env.platform.names().count("prepare") == 1
+
+
+def test_stage_returns_before_work_is_done(env):
+    env.platform.release_prepare.clear()
+    engine = env.engine()
+    start = time.monotonic()
+    engine.stage(env.image)
+    assert time.monotonic() - start < 1
+    assert env.platform.in_prepare.wait(5)
+    assert engine.state == "staging"
+    assert engine.wait(0.05) == "staging"      # wait() times out
+    env.platform.release_prepare.set()
+    assert engine.wait(5) == "staged"
+
+
+def test_cancel_during_prepare(env):
+    env.platform.release_prepare.clear()
+    engine = env.engine()
+    relaunch_id = engine.stage(env.image)
+    assert env.platform.in_prepare.wait(5)
+    engine.cancel()
+    assert engine.progress["step"] in ("cancelling", "verifying")
+    engine.cancel()                             # asking twice is harmless
+    assert engine.wait(5) == "idle"
+    assert env.platform.names() == ["prepare"]  # aborted inside prepare: nothing loaded
+    assert not env.staged_json.exists() and engine.last_error == {}
+    assert engine.history()[-1] == {**engine.history()[-1], "event": "cancelled",
+                                    "id": relaunch_id}
+    assert env.notes.states[-1] == "idle"
+
+
+def test_cancel_during_load_unloads(env):
+    env.platform.release_load.clear()
+    engine = env.engine()
+    engine.stage(env.image)
+    assert env.platform.in_load.wait(5)
+    engine.cancel()
+    env.platform.release_load.set()
+    assert engine.wait(5) == "idle"
+    assert env.platform.names() == ["prepare", "load", "unload"]
+    assert env.platform.loaded is False and not env.staged_json.exists()
+    assert env.platform.staged[0].closed == 1
+
+
+def test_cancel_staged_unloads(env):
+    engine, relaunch_id = staged_engine(env)
+    engine.cancel()
+    assert engine.state == "idle"
+    assert env.platform.names()[-1] == "unload" and env.platform.loaded is False
+    assert not env.staged_json.exists()
+    assert env.platform.staged[0].closed == 1
+    assert engine.staged_image == {} and engine.can_relaunch == "no"
+    assert engine.history()[-1]["event"] == "unstaged"
+    with pytest.raises(NotStaged):
+        engine.cancel()
+
+
+def test_cancel_staged_unload_failure_keeps_staged(env):
+    engine, _ = staged_engine(env)
+    env.platform.fail_unload = KexecFailed("EBUSY")
+    with pytest.raises(KexecFailed):
+        engine.cancel()
+    assert engine.state == "staged" and env.staged_json.exists()
+    assert env.platform.staged[0].closed == 0
+
+
+def test_cancel_when_idle_or_failed(env):
+    engine = env.engine()
+    with pytest.raises(NotStaged):
+        engine.cancel()
+    env.platform.fail_prepare = InvalidImage("nope")
+    engine.stage(env.image)
+    engine.wait(5)
+    with pytest.raises(NotStaged):
+        engine.cancel()
+
+
+def test_restage_unloads_first(env):
+    engine, first = staged_engine(env)
+    second = engine.stage(env.image)
+    assert engine.wait(5) == "staged"
+    assert second != first
+    assert env.platform.names() == ["prepare", "load", "unload", "prepare", "load"]
+    assert env.platform.staged[0].closed == 1 and env.platform.staged[1].closed == 0
+    assert engine.staged_image["id"] == second
+    assert json.loads(env.staged_json.read_text())["id"] == second
+
+
+def test_progress_throttled(env):
+    env.platform.progress_calls = 400
+    env.platform.progress_delay = 0.001
+    engine = env.engine()
+    start = time.monotonic()
+    engine.stage(env.image)
+    engine.wait(10)
+    elapsed = time.monotonic() - start
+    # ≤ 10/s from the throttle, plus the few forced ones at step changes
+    assert env.notes.count("Progress") <= elapsed * 10 + 8
+    assert env.notes.count("Progress") >= 2
+
+
+def test_progress_percent_grows(env):
+    env.platform.release_prepare.clear()
+    env.platform.progress_calls = 3
+    engine = env.engine()
+    engine.stage(env.image)
+    env.platform.in_prepare.wait(5)
+    time.sleep(0.05)
+    mid = engine.progress
+    assert mid["step"] == "verifying" and 0 < mid["percent"] < 100
+    env.platform.release_prepare.set()
+    engine.wait(5)
+    assert engine.progress["percent"] == 100
+
+
+def test_notify_errors_do_not_break_the_engine(env):
+    def broken(names):
+        raise RuntimeError("adapter bug")
+
+    engine = Engine(env.config, platform=env.platform, notify=broken)
+    engine.stage(env.image)
+    assert engine.wait(5) == "staged"
+
+
+# ------------------------------------------------------------------ reconcile
+
+def write_record(env: Env, relaunch_id: str = "old-id") -> None:
+    store = state.StateStore(env.config.state_dir, env.config.runtime_dir)
+    store.save_staged(state.StagedRecord(
+        id=relaunch_id, path=env.image, method="kexec", loader="file",
+        kernel_sha256="aa" * 32, initrd_sha256=None, cmdline="x", staged_at=state.now()))
+
+
+@pytest.mark.parametrize(("record", "loaded", "expect_state", "expect_calls", "keeps_record"), [
+    (True, True, "staged", [], True),
+    (True, False, "idle", [], False),
+    (True, None, "idle", [], False),
+    (False, True, "idle", ["unload"], False),
+    (False, False, "idle", [], False),
+])
+def test_reconcile_at_start(env, record, loaded, expect_state, expect_calls, keeps_record):
+    if record:
+        write_record(env)
+    env.platform.loaded = loaded
+    engine = env.engine()
+    assert engine.state == expect_state
+    assert env.platform.names() == expect_calls
+    assert env.staged_json.exists() == keeps_record
+    if expect_state == "staged":
+        assert engine.staged_image["id"] == "old-id"
+        assert engine.staged_image["initrd_sha256"] == ""
+        assert engine.can_relaunch == "yes"
+    else:
+        assert engine.staged_image == {}
+        assert env.platform.loaded is not True
+    if record and not loaded:
+        assert engine.history()[-1]["event"] == "staged-lost"
+
+
+def test_reconcile_unload_failure_is_failed_state(env):
+    env.platform.loaded = True
+    env.platform.fail_unload = KexecFailed("cannot unload")
+    engine = env.engine()
+    assert engine.state == "failed"
+    assert engine.last_error["name"] == "KexecFailed"
+
+
+def test_reconcile_later_when_image_vanished(env):
+    engine, _ = staged_engine(env)
+    env.platform.loaded = False           # someone ran `kexec -u`
+    engine.reconcile()
+    assert engine.state == "idle" and not env.staged_json.exists()
+    assert env.platform.staged[0].closed == 1
+
+
+def test_reconcile_corrupt_record(env):
+    env.staged_json.parent.mkdir(parents=True, exist_ok=True)
+    env.staged_json.write_text("{garbage")
+    env.platform.loaded = True
+    engine = env.engine()
+    assert engine.state == "idle" and env.platform.names() == ["unload"]
+    assert any(p.name.startswith("staged.json.corrupt-") for p in env.staged_json.parent.iterdir())
+
+
+# ------------------------------------------------------------------ relaunch
+
+def test_relaunch_refused_unless_staged(env):
+    engine = env.engine()
+    with pytest.raises(NotStaged):
+        engine.relaunch()
+    assert not env.pending_json.exists()
+    assert ("handoff", "systemd") not in env.platform.calls
+
+
+def test_relaunch_refused_when_not_loaded(env):
+    engine, _ = staged_engine(env)
+    env.platform.loaded = False
+    with pytest.raises(NotReady, match="kexec_loaded"):
+        engine.relaunch()
+    assert not env.pending_json.exists()
+    assert engine.state == "idle"              # the stale record was reconciled away
+    assert not any(c[0] == "handoff" for c in env.platform.calls)
+
+
+def test_relaunch_hands_off(env):
+    engine, relaunch_id = staged_engine(env)
+    env.notes.calls.clear()
+    assert engine.relaunch(force=True) == relaunch_id
+    assert env.platform.calls[-1] == ("handoff", "systemd")
+    assert engine.state == "relaunching"
+    pending = json.loads(env.pending_json.read_text())
+    assert pending["id"] == relaunch_id and pending["handoff"] == "systemd"
+    assert pending["boot_id"] == BOOT_ID and pending["force"] is True
+    assert pending["kernel_sha256"] == "11" * 32 and pending["initrd_sha256"] == "22" * 32
+    assert pending["method"] == "kexec" and pending["cmdline"] == "console=ttyS0"
+    assert pending["predictions"]["pcr11"] == {"sha256": "33" * 32}
+    assert pending["time"]
+    assert "State" in env.notes.all() and "CanRelaunch" in env.notes.all()
+    assert engine.can_relaunch == "no"
+    assert engine.staged_image["id"] == relaunch_id     # still loaded while going down
+    assert engine.history()[-1]["event"] == "relaunch-started"
+    with pytest.raises(Busy):
+        engine.stage(env.image)
+    with pytest.raises(Busy):
+        engine.cancel()
+
+
+def test_relaunch_after_restart_uses_recorded_predictions(env):
+    engine, relaunch_id = staged_engine(env)
+    engine.close()
+    again = env.engine()
+    assert again.state == "staged"
+    again.relaunch()
+    pending = json.loads(env.pending_json.read_text())
+    assert pending["id"] == relaunch_id
+    assert pending["predictions"]["pcr11"] == {"sha256": "33" * 32}
+
+
+@pytest.mark.parametrize("failure", [RelaunchError("systemctl failed: no bus"),
+                                     OSError(2, "No such file or directory")])
+def test_handoff_failure_rolls_back(env, failure):
+    engine, _ = staged_engine(env)
+    env.platform.fail_handoff = failure
+    with pytest.raises(RelaunchError):
+        engine.relaunch()
+    assert not env.pending_json.exists()
+    assert engine.state == "staged" and engine.can_relaunch == "yes"
+    assert engine.last_error["name"] == "Failed"
+    assert env.platform.loaded is True and env.staged_json.exists()
+    assert engine.history()[-1]["event"] == "relaunch-failed"
+    env.platform.fail_handoff = None
+    engine.relaunch()                                # nothing half-done: it can try again
+    assert engine.state == "relaunching"
+
+
+def test_immediate_and_rehearse(env):
+    engine, _ = staged_engine(env)
+    env.platform.fail_handoff = Unsupported("immediate: not yet")
+    with pytest.raises(Unsupported):
+        engine.relaunch(immediate=True)
+    assert env.platform.calls[-1] == ("handoff", "immediate")
+    assert engine.state == "staged" and not env.pending_json.exists()
+    calls = len(env.platform.calls)
+    with pytest.raises(Unsupported, match="not implemented yet"):
+        engine.relaunch(rehearse=True)
+    assert len(env.platform.calls) == calls and engine.state == "staged"
+
+
+# ------------------------------------------------------------------ queries
+
+def test_check(env):
+    engine = env.engine()
+    result = engine.check()
+    assert result["method"] == "auto" and result["ready"] is True
+    assert result["best"] == "kexec" and "methods" in result
+    assert engine.check("txt")["ready"] is False
+    with pytest.raises(InvalidArgument):
+        engine.check("grub")
+    env.platform.report = make_report(ready={"skinit", "kexec"})
+    env.notes.calls.clear()
+    engine.check()
+    assert "Capabilities" in env.notes.all()
+    assert engine.capabilities["best"] == "skinit"
+
+
+def test_list_images_reports_invalid(env):
+    engine = env.engine()
+    (env.tmp / "images" / "notes.txt").write_text("ignored")
+    images = engine.list_images()
+    assert len(images) == 1
+    entry = images[0]
+    assert entry["path"] == env.image and entry["size"] > 0 and "mtime" in entry
+    assert "error" in entry
+    json.dumps(images)
+
+
+def test_inspect_invalid(env):
+    with pytest.raises(InvalidImage):
+        env.engine().inspect(env.image)
+
+
+def test_history_limit(env):
+    engine = env.engine()
+    for _ in range(3):
+        engine.stage(env.image)
+        engine.wait(5)
+    assert len(engine.history()) == 3
+    assert len(engine.history(limit=1)) == 1
+    assert engine.history(0) == []
+    with pytest.raises(InvalidArgument):
+        engine.history(-1)
+
+
+def test_close_aborts_staging_and_keeps_staged_loaded(env):
+    env.platform.release_prepare.clear()
+    engine = env.engine()
+    engine.stage(env.image)
+    env.platform.in_prepare.wait(5)
+    engine.close()
+    assert engine.state == "idle" and env.platform.names() == ["prepare"]
+    env.platform.release_prepare.set()
+    engine2, _ = staged_engine(env)
+    engine2.close()
+    assert env.platform.loaded is True and env.staged_json.exists()
+    assert env.platform.staged[-1].closed == 1
+
+
+def test_restage_announces_every_change(env):
+    engine, _ = staged_engine(env)
+    env.notes.calls.clear()
+    engine.stage(env.image)
+    engine.wait(5)
+    # StagedImage went {} while staging and back: both announced
+    staged_image_calls = [c for c in env.notes.calls if "StagedImage" in c]
+    assert len(staged_image_calls) == 2
+    assert env.notes.states == ["staging", "staged", "staging", "staged"]
+
+
+def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
+    """The real hand-off queues kexec.target; a fake systemctl on PATH records it."""
+    from relaunchd.engine import HANDOFF_COMMAND, Platform
+
+    log = tmp_path / "args"
+    tool = tmp_path / "bin" / "systemctl"
+    tool.parent.mkdir()
+    tool.write_text(f'#!/bin/sh\necho "$@" > {log}\n[ -z "$FAIL" ] || {{ echo "$FAIL" >&2; '
+                    'exit 1; }\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    platform = Platform()
+    platform.handoff("systemd")
+    assert log.read_text().split() == list(HANDOFF_COMMAND[1:])
+    assert {"--job-mode=replace-irreversibly", "kexec.target"} <= set(HANDOFF_COMMAND)
+    monkeypatch.setenv("FAIL", "Transaction is destructive.")
+    with pytest.raises(RelaunchError, match="Transaction is destructive"):
+        platform.handoff("systemd")
+    with pytest.raises(Unsupported):
+        platform.handoff("immediate")
+    with pytest.raises(InvalidArgument):
+        platform.handoff("reboot")
