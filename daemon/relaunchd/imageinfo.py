@@ -52,6 +52,9 @@ class ImageReport:
     prediction: measure.Pcr11Prediction
     pcrsig: list[measure.PcrSigCheck] | None
     warnings: list[str] = field(default_factory=list)
+    # sha256 (and bank) hash objects per section index, after the pass: callers
+    # may .copy() one to hash data that starts with that section (staging's initrd).
+    section_hashes: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
         pred = self.prediction
@@ -220,6 +223,7 @@ def inspect_image(
         prediction=prediction,
         pcrsig=pcrsig,
         warnings=warnings,
+        section_hashes=section_hashes,
     )
 
 

@@ -143,10 +143,17 @@ def prepare(path: str, options: StageOptions,
             kernel_range = _kernel_range(image, resolved, path)
             parts = initrd.plan(image, resolved)
             # Kernel and initrd digests come from the same single read of the
-            # sealed copy as the verification (the memfds are copies of it).
+            # sealed copy as the verification (the memfds are copies of it);
+            # where they equal or start with a section, that section's hash is
+            # reused instead of hashing the bytes again.
+            linux = resolved.sections[".linux"]
+            kernel_is_section = (kernel_range.length == linux.payload_size
+                                 == linux.virtual_size)
+            initrd_from_section = _initrd_extends_section(parts)
             kernel_hash, initrd_hash = hashlib.sha256(), hashlib.sha256()
-            extra = [hashing.Sink(kernel_hash, [(kernel_range.offset, kernel_range.length)])]
-            initrd_pieces = _initrd_pieces(parts)
+            extra = [] if kernel_is_section else [
+                hashing.Sink(kernel_hash, [(kernel_range.offset, kernel_range.length)])]
+            initrd_pieces = None if initrd_from_section else _initrd_pieces(parts)
             if parts and initrd_pieces is not None:
                 extra.append(hashing.Sink(initrd_hash, initrd_pieces))
             report = inspect_image(
@@ -154,12 +161,18 @@ def prepare(path: str, options: StageOptions,
                 progress=(lambda d, t: progress("verifying", d, t)) if progress else None,
                 extra_sinks=extra)
             _require_trust(path, report, options)
+            if kernel_is_section:
+                kernel_hash = report.section_hashes[linux.index]["sha256"]
+            if initrd_from_section:
+                initrd_hash = _continue_initrd_hash(
+                    report.section_hashes[resolved.sections[".initrd"].index]["sha256"], parts)
             kernel = _sealed_part("kernel", image.fd, kernel_range, kernel_hash.hexdigest())
             opened.append(kernel)
             initrd_blob = None
             if parts:
                 initrd_blob = _initrd(parts, initrd_hash.hexdigest()
-                                      if initrd_pieces is not None else None)
+                                      if initrd_from_section or initrd_pieces is not None
+                                      else None)
                 opened.append(initrd_blob)
             limit = _cmdline_limit(kernel)
             secure_boot = _secure_boot(options.root)
@@ -281,6 +294,24 @@ def _sealed_part(name: str, src_fd: int, source: pe.FileRange, sha256: str) -> B
     except BaseException:
         os.close(fd)
         raise
+
+
+def _initrd_extends_section(parts: list[initrd.InitrdPart]) -> bool:
+    """The common shape: `.initrd` first, then only generated cpios."""
+    return bool(parts) and parts[0].label == ".initrd" and all(
+        p.source is None for p in parts[1:])
+
+
+def _continue_initrd_hash(section_hash, parts: list[initrd.InitrdPart]):
+    """The `.initrd` section's sha256 state covers exactly the first part's
+    content (payload + zeros to VirtualSize): continue a copy of it with the
+    padding and the generated cpios."""
+    digest = section_hash.copy()
+    first = parts[0]
+    digest.update(bytes(first.size - first.content_size))
+    for part in parts[1:]:
+        digest.update(part.data + bytes(part.size - part.content_size))
+    return digest
 
 
 def _initrd_pieces(parts: list[initrd.InitrdPart]) -> list | None:
