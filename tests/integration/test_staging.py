@@ -18,6 +18,7 @@ from relaunchd.authenticode import load_certificates
 from relaunchd.errors import InvalidImage, KexecFailed, NotReady, VerificationFailed
 from relaunchd.pe import FileRange
 from relaunchd.sysfs import SysRoot
+from support.memmaps import QEMU_2G, write_memmap
 
 
 @pytest.fixture
@@ -205,28 +206,13 @@ def test_secure_boot_drops_custom_cmdline(image_dir, keys):
         staged.close()
 
 
-# A 2 GiB QEMU (pc, SeaBIOS) guest's /sys/firmware/memmap, unsorted as sysfs lists it.
-QEMU_2G = {
-    "0": {"start": "0x0", "end": "0x9fbff", "type": "System RAM"},
-    "3": {"start": "0x100000", "end": "0x7ffdffff", "type": "System RAM"},
-    "1": {"start": "0x9fc00", "end": "0x9ffff", "type": "Reserved"},
-    "2": {"start": "0xf0000", "end": "0xfffff", "type": "Reserved"},
-    "4": {"start": "0x7ffe0000", "end": "0x7fffffff", "type": "Reserved"},
-    "5": {"start": "0xfeffc000", "end": "0xfeffffff", "type": "Reserved"},
-    "6": {"start": "0xfffc0000", "end": "0xffffffff", "type": "Reserved"},
-}
 
 
 def test_segment_loader_dry_run(image_dir, keys, tmp_path):
     from relaunchd import bootparams, slrt
 
     opts = options(image_dir, keys, loader="segments")
-    platform = Path(opts.root.root)
-    for name, attrs in QEMU_2G.items():
-        d = platform / "sys/firmware/memmap" / name
-        d.mkdir(parents=True)
-        for key, value in attrs.items():
-            (d / key).write_text(value + "\n")
+    write_memmap(Path(opts.root.root), QEMU_2G)
     staged = staging.prepare(str(image_dir / "signed.efi"), opts)
     try:
         out = tmp_path / "out"

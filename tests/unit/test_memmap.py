@@ -13,21 +13,11 @@ from relaunchd import bootparams as bp
 from relaunchd import memmap as mm
 from relaunchd.errors import InvalidArgument, Unsupported
 from relaunchd.sysfs import SysRoot
+from support.memmaps import QEMU_2G, write_memmap
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-# The firmware map of a 2 GiB QEMU (pc, SeaBIOS) guest, as /sys/firmware/memmap shows it;
-# directory names deliberately out of address order (sysfs numbers are not sorted either).
-QEMU_2G = {
-    "3": {"start": "0x0", "end": "0x9fbff", "type": "System RAM"},
-    "0": {"start": "0x9fc00", "end": "0x9ffff", "type": "Reserved"},
-    "10": {"start": "0xf0000", "end": "0xfffff", "type": "Reserved"},
-    "1": {"start": "0x100000", "end": "0x7ffdffff", "type": "System RAM"},
-    "2": {"start": "0x7ffe0000", "end": "0x7fffffff", "type": "Reserved"},
-    "5": {"start": "0xfeffc000", "end": "0xfeffffff", "type": "Reserved"},
-    "4": {"start": "0xfffc0000", "end": "0xffffffff", "type": "Reserved"},
-}
 
 
 def mmap(*entries: tuple[int, int, str]) -> mm.MemoryMap:
@@ -65,11 +55,7 @@ def test_parse_errors():
 
 
 def test_read_memmap_through_sysroot(tmp_path):
-    for name, attrs in QEMU_2G.items():
-        d = tmp_path / "sys/firmware/memmap" / name
-        d.mkdir(parents=True)
-        for key, value in attrs.items():
-            (d / key).write_text(value + "\n")
+    write_memmap(tmp_path, QEMU_2G)
     assert mm.read_memmap(SysRoot(str(tmp_path))) == mm.parse_memmap(QEMU_2G)
 
 

@@ -16,20 +16,11 @@ from relaunchd import memmap as mm
 from relaunchd import segments as sg
 from relaunchd.errors import InvalidArgument
 from relaunchd.pe import FileRange
+from support.memmaps import QEMU_2G
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-# /sys/firmware/memmap of a 2 GiB QEMU pc/SeaBIOS guest (dir names unsorted, ends inclusive).
-QEMU_2G = {
-    "3": {"start": "0x0", "end": "0x9fbff", "type": "System RAM"},
-    "0": {"start": "0x9fc00", "end": "0x9ffff", "type": "Reserved"},
-    "10": {"start": "0xf0000", "end": "0xfffff", "type": "Reserved"},
-    "1": {"start": "0x100000", "end": "0x7ffdffff", "type": "System RAM"},
-    "2": {"start": "0x7ffe0000", "end": "0x7fffffff", "type": "Reserved"},
-    "5": {"start": "0xfeffc000", "end": "0xfeffffff", "type": "Reserved"},
-    "4": {"start": "0xfffc0000", "end": "0xffffffff", "type": "Reserved"},
-}
 MEMMAP = mm.parse_memmap(QEMU_2G)
 CMDLINE = b"console=ttyS0 root=/dev/vda1 nokaslr relaunchd.id=0f1e2d3c"
 
