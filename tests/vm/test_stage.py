@@ -156,8 +156,13 @@ def test_lockdown_refuses_segments_and_unsigned_kernels(staged_setup, vm_image, 
                                                         tmp_path):
     """Integrity lockdown (set at runtime, one way): the segment loader is refused
     before anything is read, and a UKI whose inner kernel is unsigned is refused
-    by the kernel itself; nothing stays loaded. A relaunch into a signed kernel
-    then clears the lockdown for whatever runs after."""
+    by the kernel itself (EPERM: lockdown without a valid signature); nothing
+    stays loaded. Leaves the guest locked down until it powers off, so this must
+    stay the last test of the tier (tests/vm/test_stage.py sorts last).
+
+    Seen here: even Debian's signed kernel is refused in this guest, because a
+    SeaBIOS boot has no UEFI db, so the platform keyring that would trust the
+    Debian Secure Boot CA is empty (uki.md §3.2)."""
     guest = staged_setup
     unsigned_kernel = tmp_path / "vmlinuz.unsigned"
     unsigned_kernel.write_bytes(vm_image.kernel.read_bytes())
@@ -166,15 +171,12 @@ def test_lockdown_refuses_segments_and_unsigned_kernels(staged_setup, vm_image, 
     guest.put(f"{IMAGES}/unsigned-inner.efi",
               guest_uki(vm_image, keys, tmp_path, "rld.unsigned=1", "unsigned-inner",
                         kernel=unsigned_kernel))
-    signed = guest_uki(vm_image, keys, tmp_path, "rld.unlock=1", "unlock")
-    guest.put(f"{IMAGES}/unlock.efi", signed)
+    guest.put(f"{IMAGES}/signed.efi",
+              guest_uki(vm_image, keys, tmp_path, "rld.locked=1", "signed"))
     guest.run("echo integrity > /sys/kernel/security/lockdown")
-    result, _ = stage(guest, f"{IMAGES}/unlock.efi", "--loader", "segments", check=False)
+    result, _ = stage(guest, f"{IMAGES}/signed.efi", "--loader", "segments", check=False)
     assert result.rc == 1 and "lockdown" in result.output
     result, _ = stage(guest, f"{IMAGES}/unsigned-inner.efi", check=False)
-    assert result.rc == 1 and "KexecFailed" in result.output
+    assert result.rc == 1 and "KexecFailed" in result.output and "EPERM" in result.output
     assert nothing_loaded(guest)
-    # Debian's signed kernel still loads under lockdown; relaunch to unlock.
-    stage(guest, f"{IMAGES}/unlock.efi")
-    guest.transition("systemctl --no-block kexec", timeout=KEXEC_TIMEOUT)
-    assert "[none]" in guest.run("cat /sys/kernel/security/lockdown").output
+    assert guest.run("ls /run/relaunchd/staged.json", check=False).rc != 0
