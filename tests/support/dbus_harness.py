@@ -10,6 +10,7 @@ connectable for `runuser -u nobody` clients.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -199,9 +200,37 @@ def write_config(directory: Path, image_dir: Path, **extra) -> Path:
     return path
 
 
+@functools.cache
+def _world_readable_package() -> str:
+    """A copy of the relaunchd package that any user can import.
+
+    The checkout (and its .venv) may sit in a directory only root can enter
+    (a `mktemp -d` clone, a CI workspace), so an unprivileged client runs
+    Debian's python3 (which has pydbus/gi) on this copy instead. Made once per
+    process, removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="relaunchd-client-")
+    os.chmod(top, 0o755)
+    package = Path(__file__).resolve().parents[2] / "daemon" / "relaunchd"
+    shutil.copytree(package, os.path.join(top, "relaunchd"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    atexit.register(shutil.rmtree, top, True)
+    return top
+
+
 def relaunchctl(bus: PrivateBus, *args: str, user: str | None = None,
                 timeout: float = 60) -> subprocess.CompletedProcess:
     cmd = [str(VENV_BIN / "relaunchctl"), *args]
+    env = bus.env()
     if user:
-        cmd = ["runuser", "-u", user, "--", *cmd]
-    return subprocess.run(cmd, env=bus.env(), capture_output=True, text=True, timeout=timeout)
+        cmd = ["runuser", "-u", user, "--", "env", f"PYTHONPATH={_world_readable_package()}",
+               "/usr/bin/python3", "-m", "relaunchd.cli", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
