@@ -84,3 +84,15 @@ class ConfigError(RelaunchError):
             f"column {column}" if column is not None else None) if part)
         super().__init__(f"{where}: {message}" if where else message)
         self.file, self.key, self.line, self.column = file, key, line, column
+
+
+class InvalidEventLog(RelaunchError):
+    """A TCG measurement log that is truncated, malformed or inconsistent with its header."""
+
+    name = "InvalidEventLog"
+
+
+class QuiesceFailed(RelaunchError):
+    """A quiesce step (CPU offline, driver unbind) failed; what was done has been rolled back."""
+
+    name = "QuiesceFailed"

@@ -106,20 +106,28 @@ def default_tcti(root: SysRoot) -> str | None:
     return None
 
 
+def import_pytss():
+    """tpm2_pytss, imported lazily (~70 ms; most hosts have no TPM to ask) and
+    made usable: Debian's 1.2.0 builds hollow objects (no _cdata) whenever
+    unittest.mock was imported before it, a hack for its documentation build
+    (internal/utils.py __MOCK__); any library importing unittest.mock
+    (hypothesis does) would break every TPM call. Raises ImportError."""
+    import tpm2_pytss
+    from tpm2_pytss.internal import utils as pytss_utils
+
+    if getattr(pytss_utils, "__MOCK__", False):
+        pytss_utils.__MOCK__ = False
+    return tpm2_pytss
+
+
 def read_drtm_pcrs(tcti: str) -> Read[DrtmPcrs]:
     """PCRs 17/18 of the first allocated preferred bank, through tpm2-pytss."""
     source = f"tcti:{tcti}"
     try:
-        # Lazy: the import costs ~70 ms, and most hosts have no TPM to ask.
-        from tpm2_pytss import ESAPI, TPML_PCR_SELECTION
-        from tpm2_pytss.internal import utils as pytss_utils
+        pytss = import_pytss()
     except ImportError as exc:
         return Read(source, error=NOT_PRESENT, detail=f"tpm2-pytss not available: {exc}")
-    # Debian's tpm2-pytss 1.2.0 builds hollow objects (no _cdata) whenever unittest.mock was
-    # imported before it, a hack for its documentation build (internal/utils.py __MOCK__).
-    # Any library importing unittest.mock (hypothesis does) would break every TPM call.
-    if getattr(pytss_utils, "__MOCK__", False):
-        pytss_utils.__MOCK__ = False
+    ESAPI, TPML_PCR_SELECTION = pytss.ESAPI, pytss.TPML_PCR_SELECTION
     try:
         ectx = ESAPI(tcti)
     except Exception as exc:  # TSS2_Exception, or a TCTI load error; the TPM is just "unknown"

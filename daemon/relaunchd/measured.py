@@ -1,0 +1,206 @@
+"""Measured relaunch (platform layer): extend digests into a PCR and keep the matching log.
+
+Before the hand-off the digests of the staged kernel, initrd and cmdline are
+extended into one PCR (default 23, the PC Client "application support" PCR,
+which kexec does not reset) in every configured bank, and one ``EV_IPL`` record
+per item is appended to relaunchd's own TCG crypto-agile log (`eventlog`) in
+the state directory. After the new kernel starts, `verify` replays the log and
+compares with the TPM: "the measurement log replays to the current PCR value".
+
+TPM access is tpm2-pytss ESAPI (ecosystem.md §6.4), imported only when used.
+The log is written after the extends, and only with the items the TPM accepted,
+so a failing TPM command never leaves a record the PCR does not contain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+from . import eventlog
+from .errors import InvalidArgument, InvalidEventLog, NotReady
+from .eventlog import Record
+from .hashing import Sink, feed
+from .tpm import import_pytss
+
+LOG_NAME = "measurements.log"       # under the state directory, e.g. /var/lib/relaunchd/
+DEFAULT_PCR = 23
+DEFAULT_BANKS = ("sha256",)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    expected: dict[str, str]        # bank -> hex PCR value the log replays to
+    actual: dict[str, str]          # bank -> hex PCR value read from the TPM
+    mismatches: tuple[str, ...]     # human-readable, one per disagreeing bank or log problem
+
+
+def digests_for(fd: int, size: int, banks: Sequence[str]) -> dict[str, bytes]:
+    """Digests of bytes [0, size) of `fd` (a staged memfd) in every bank, in one read pass."""
+    hashers = {bank: hashlib.new(bank) for bank in banks}
+    feed(fd, [Sink(h, [(0, size)]) for h in hashers.values()])
+    return {bank: h.digest() for bank, h in hashers.items()}
+
+
+def tcti_for(tcti_or_device: str | None) -> str:
+    """A TCTI string: `device:/dev/tpmrm0` from a bare device path, others unchanged."""
+    if not tcti_or_device:
+        raise NotReady("no TPM")
+    if tcti_or_device.startswith("/"):
+        return f"device:{tcti_or_device}"
+    return tcti_or_device
+
+
+def extend(tcti_or_device: str | None, pcr: int, banks: Sequence[str],
+           items: Sequence[tuple[str, Mapping[str, bytes]]], *, log_path: str,
+           relaunch_id: str = "") -> list[Record]:
+    """Extend each item's digests into `pcr` (all `banks` at once, TPM2_PCR_Extend)
+    and append one record per item to the log at `log_path`.
+
+    Raises NotReady("no TPM") when there is no TPM or tpm2-pytss — the caller
+    decides (by config) whether an unmeasured relaunch is allowed."""
+    if not 0 <= pcr <= 23:
+        raise InvalidArgument(f"PCR {pcr} out of range")
+    banks = tuple(banks)
+    if not banks:
+        raise InvalidArgument("no PCR banks to extend")
+    records = []
+    for label, digests in items:
+        missing = [b for b in banks if b not in digests]
+        if missing:
+            raise InvalidArgument(f"{label}: no {', '.join(missing)} digest")
+        chosen = {b: digests[b] for b in banks}
+        named = "sha256" if "sha256" in chosen else banks[0]
+        try:
+            records.append(eventlog.record(
+                pcr, chosen, eventlog.describe(label, chosen[named], relaunch_id, bank=named)))
+        except ValueError as exc:
+            raise InvalidArgument(f"{label}: {exc}") from exc
+    old = _read(log_path)
+    if old:
+        eventlog.parse_log(old)     # refuse to extend if the log we would append to is bad
+    done: list[Record] = []
+    with _esapi(tcti_for(tcti_or_device)) as (ectx, pytss):
+        handle = getattr(pytss.ESYS_TR, f"PCR{pcr}")
+        try:
+            for rec in records:
+                values = pytss.TPML_DIGEST_VALUES([
+                    # TPMU_HA needs a dict: `digest=bytes` is rejected (ecosystem.md §6.4).
+                    pytss.TPMT_HA(hashAlg=eventlog.ALG_IDS[bank],
+                                  digest=pytss.TPMU_HA(**{bank: value}))
+                    for bank, value in rec.digests])
+                ectx.pcr_extend(handle, values)
+                done.append(rec)
+        except Exception as exc:
+            if not done:
+                raise NotReady(f"TPM refused the extend: {exc}") from exc
+            raise NotReady(f"TPM refused the extend after {len(done)} of "
+                           f"{len(records)} items: {exc}") from exc
+        finally:
+            if done:
+                log = old
+                for rec in done:
+                    log = eventlog.append(log, rec)
+                _write_atomic(log_path, log)
+    return done
+
+
+def current_pcr(tcti_or_device: str | None, pcr: int, banks: Sequence[str]) -> dict[str, bytes]:
+    """The PCR's value in each bank; NotReady if a bank is not allocated."""
+    with _esapi(tcti_for(tcti_or_device)) as (ectx, pytss):
+        return _read_pcr(ectx, pytss, pcr, banks)
+
+
+def verify(log_path: str, tcti_or_device: str | None, pcr: int,
+           banks: Sequence[str]) -> Verdict:
+    """Replay the log for `pcr` in every bank and compare with the TPM.
+
+    A missing log replays to the reset value (zeros); an unreadable or malformed log
+    is a mismatch, not an exception — a tampered log must be reported, loudly."""
+    actual = {b: v.hex() for b, v in current_pcr(tcti_or_device, pcr, banks).items()}
+    try:
+        data = _read(log_path)
+        records = eventlog.parse(data) if data else []
+        expected = {b: eventlog.replay(records, b, pcr).hex() for b in banks}
+    except (OSError, InvalidEventLog, ValueError) as exc:
+        return Verdict(False, {}, actual, (f"log {log_path}: {exc}",))
+    mismatches = tuple(f"PCR {pcr} {b}: log replays to {expected[b]}, TPM has {actual[b]}"
+                       for b in banks if expected[b] != actual[b])
+    return Verdict(not mismatches, expected, actual, mismatches)
+
+
+def _read_pcr(ectx: Any, pytss: Any, pcr: int, banks: Sequence[str]) -> dict[str, bytes]:
+    values: dict[str, bytes] = {}
+    for bank in banks:
+        _counter, _sel, digests = ectx.pcr_read(pytss.TPML_PCR_SELECTION.parse(f"{bank}:{pcr}"))
+        got = [bytes(d) for d in digests]
+        if len(got) != 1:
+            raise NotReady(f"PCR {pcr} is not allocated in the {bank} bank")
+        values[bank] = got[0]
+    return values
+
+
+class _Pytss:
+    """The few tpm2-pytss names used here, resolved at first use."""
+
+    def __init__(self) -> None:
+        try:
+            tpm2_pytss = import_pytss()
+        except ImportError as exc:
+            raise NotReady(f"no TPM: tpm2-pytss not available ({exc})") from exc
+        self.ESAPI = tpm2_pytss.ESAPI
+        self.ESYS_TR = tpm2_pytss.ESYS_TR
+        self.TPML_DIGEST_VALUES = tpm2_pytss.TPML_DIGEST_VALUES
+        self.TPML_PCR_SELECTION = tpm2_pytss.TPML_PCR_SELECTION
+        self.TPMT_HA = tpm2_pytss.TPMT_HA
+        self.TPMU_HA = tpm2_pytss.TPMU_HA
+
+
+@contextmanager
+def _esapi(tcti: str) -> Iterator[tuple[Any, _Pytss]]:
+    pytss = _Pytss()
+    try:
+        ectx = pytss.ESAPI(tcti)
+    except Exception as exc:  # TSS2_Exception or a TCTI load error: no usable TPM
+        raise NotReady(f"no TPM: cannot open {tcti}: {exc}") from exc
+    try:
+        yield ectx, pytss
+    finally:
+        ectx.close()
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".measurements-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
