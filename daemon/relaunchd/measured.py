@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from . import eventlog
+from .atomicfile import atomic_write
 from .errors import InvalidArgument, InvalidEventLog, NotReady
 from .eventlog import Record
 from .hashing import Sink, feed
@@ -107,7 +107,9 @@ def extend(tcti_or_device: str | None, pcr: int, banks: Sequence[str],
                 log = old
                 for rec in done:
                     log = eventlog.append(log, rec)
-                _write_atomic(log_path, log)
+                os.makedirs(os.path.dirname(os.path.abspath(log_path)), mode=0o700,
+                            exist_ok=True)
+                atomic_write(log_path, log)
     return done
 
 
@@ -183,24 +185,3 @@ def _read(path: str) -> bytes:
         return b""
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".measurements-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -28,6 +28,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .atomicfile import fsync_dir
 from .errors import InvalidArgument, QuiesceFailed
 from .sysfs import SysRoot
 from .sysfs_write import SysWriter
@@ -443,7 +444,7 @@ class Journal:
                      | os.O_CLOEXEC, 0o600)
         os.fsync(fd)
         os.close(fd)
-        self._fsync_dir()
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def append(self, entry: JournalEntry) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
@@ -456,12 +457,6 @@ class Journal:
         finally:
             os.close(fd)
 
-    def _fsync_dir(self) -> None:
-        fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ------------------------------------------------------------------ execution and rollback

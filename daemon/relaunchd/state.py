@@ -20,7 +20,6 @@ unreadable (truncated, garbage, wrong shape) is moved aside as
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import errno
@@ -28,11 +27,12 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from .atomicfile import TEMP_MARK, atomic_remove, atomic_write, fsync_dir
 
 log = logging.getLogger("relaunchd.state")
 
@@ -40,7 +40,6 @@ STAGED = "staged.json"
 PENDING = "pending.json"
 HISTORY = "history.jsonl"
 HISTORY_LIMIT = 200
-TEMP_MARK = ".tmp-"              # temporary files are ".<name>.tmp-XXXX"
 RECORD_LIMIT = 1 << 20           # a record is a few hundred bytes; refuse to slurp more
 HISTORY_BYTES_LIMIT = 16 << 20
 
@@ -129,43 +128,6 @@ class HistoryEntry(_Record):
 
 
 # ------------------------------------------------------------------ atomic files
-
-def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_MARK}", dir=directory)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    _fsync_dir(directory)
-
-
-def atomic_remove(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    _fsync_dir(os.path.dirname(path) or ".")
-    return True
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
@@ -314,7 +276,7 @@ class StateStore:
             n += 1
         try:
             os.rename(path, target)
-            _fsync_dir(os.path.dirname(path) or ".")
+            fsync_dir(os.path.dirname(path) or ".")
             moved = f"moved aside to {target}"
         except OSError as exc:
             # Never loop on the same bad file: drop it if it cannot be kept.
