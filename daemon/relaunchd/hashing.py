@@ -55,8 +55,7 @@ class Sink:
 
 
 def feed(fd: int, sinks: list[Sink], *, base: int = 0,
-         progress: Callable[[int, int], None] | None = None,
-         threads: int | None = None) -> None:
+         progress: Callable[[int, int], None] | None = None) -> None:
     """Read the ranges of all sinks from `fd` (offsets relative to `base`)
     once, in file order, and update every sink's hash with its parts.
 
@@ -66,7 +65,6 @@ def feed(fd: int, sinks: list[Sink], *, base: int = 0,
     most RING windows are in flight and each is dropped from our resident set
     (MADV_DONTNEED) once every sink has consumed it, so memory stays bounded
     however large the image."""
-    del threads  # one worker per large sink; kept for API stability
     if not sinks:
         return
     total = sum(s.file_bytes for s in sinks)

@@ -169,7 +169,7 @@ def inspect_image(
     try:
         from . import authenticode
 
-        signatures = _read_signatures(image, authenticode)
+        signatures = authenticode.read_signatures(image.fd, image.headers)
     finally:
         worker.join()
     if hashing_error:
@@ -225,11 +225,3 @@ def inspect_image(
         warnings=warnings,
         section_hashes=section_hashes,
     )
-
-
-def _read_signatures(image: UkiImage, authenticode) -> list:
-    headers = image.headers
-    if not headers.cert_table_size:
-        return []
-    table = image.range.pread(headers.cert_table_offset, headers.cert_table_size)
-    return authenticode.parse_signatures(table)
