@@ -21,23 +21,27 @@ import hashlib
 import json
 import os
 import re
-import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import bootparams, hashing, initrd, kexec, pe, sealed, uki
 from . import cmdline as cmdline_rules
-from . import hashing, initrd, kexec, pe, sealed, uki
-from .errors import InvalidArgument, InvalidImage, KexecFailed, NotReady, VerificationFailed
+from .errors import (
+    InvalidArgument,
+    InvalidImage,
+    InvalidKernel,
+    KexecFailed,
+    NotReady,
+    VerificationFailed,
+)
 from .imageinfo import ImageReport, inspect_image
 from .pe import FileRange
 from .sysfs import SysRoot
 
 DEFAULT_IMAGE_DIRS = ("/boot", "/efi", "/boot/efi", "/usr/lib/kernel", "/var/lib/relaunchd/images")
 ID_ARGUMENT = "relaunchd.id"
-X86_HDRS_OFFSET = 0x202
-X86_CMDLINE_SIZE_OFFSET = 0x238    # setup header, boot protocol >= 2.06
 
 
 @dataclass
@@ -140,7 +144,7 @@ def prepare(path: str, options: StageOptions,
         opened.append(image_blob)
         with uki.from_fd(image_blob.fd, path) as image:
             resolved = image.resolve(options.profile)
-            kernel_range = _kernel_range(image, resolved, path)
+            kernel_range, cmdline_limit = _kernel_range(image, resolved, path)
             parts = initrd.plan(image, resolved)
             # Kernel and initrd digests come from the same single read of the
             # sealed copy as the verification (the memfds are copies of it);
@@ -174,13 +178,13 @@ def prepare(path: str, options: StageOptions,
                                       if initrd_from_section or initrd_pieces is not None
                                       else None)
                 opened.append(initrd_blob)
-            limit = _cmdline_limit(kernel)
             secure_boot = _secure_boot(options.root)
             args = list(options.append)
             if options.add_id_argument:
                 args.append(f"{ID_ARGUMENT}={options.relaunch_id}")
             line = cmdline_rules.compose(image.cmdline(resolved), custom=options.custom_cmdline,
-                                         secure_boot=bool(secure_boot), extra=args, limit=limit)
+                                         secure_boot=bool(secure_boot), extra=args,
+                                         limit=cmdline_limit)
         notes = []
         if secure_boot is None:
             notes.append("Secure Boot state unknown (no efivarfs): treated as off for the "
@@ -266,10 +270,12 @@ def _require_trust(path: str, report: ImageReport, options: StageOptions) -> Non
     raise VerificationFailed(f"{path}: {why}")
 
 
-def _kernel_range(image: uki.UkiImage, resolved: uki.ResolvedImage, path: str) -> pe.FileRange:
+def _kernel_range(image: uki.UkiImage, resolved: uki.ResolvedImage,
+                  path: str) -> tuple[pe.FileRange, int | None]:
     """`.linux` payload; if it is itself a signed PE, trimmed to the end of its
     certificate table so the kernel's own signature check sees the signed
-    bytes exactly (uki.md §3.3)."""
+    bytes exactly (uki.md §3.3). Also the command-line budget kexec_file_load
+    leaves with this kernel (x86: from its setup header; None elsewhere)."""
     payload = image.payload(resolved.sections[".linux"])
     length = payload.length
     try:
@@ -278,11 +284,14 @@ def _kernel_range(image: uki.UkiImage, resolved: uki.ResolvedImage, path: str) -
             length = min(length, inner.cert_table_offset + inner.cert_table_size)
     except InvalidImage:
         pass   # not a PE (e.g. a raw arm64 Image): use the payload as is
-    if os.uname().machine == "x86_64" and (
-            length < X86_HDRS_OFFSET + 4
-            or payload.pread(X86_HDRS_OFFSET, 4) != b"HdrS"):
-        raise InvalidImage(f"{path}: .linux is not an x86 bzImage (no HdrS header)")
-    return payload.sub(0, length)
+    kernel = payload.sub(0, length)
+    if os.uname().machine != "x86_64":
+        return kernel, None
+    try:
+        header = bootparams.parse_setup_header(kernel)
+    except InvalidKernel as exc:
+        raise InvalidImage(f"{path}: .linux is not a usable x86 bzImage: {exc}") from None
+    return kernel, max(0, header.cmdline_size - cmdline_rules.KEXEC_FILE_X86_RESERVE)
 
 
 def _sealed_part(name: str, src_fd: int, source: pe.FileRange, sha256: str) -> Blob:
@@ -345,16 +354,6 @@ def _initrd(parts: list[initrd.InitrdPart], sha256: str | None) -> Blob:
     except BaseException:
         os.close(fd)
         raise
-
-
-def _cmdline_limit(kernel: Blob) -> int | None:
-    if os.uname().machine != "x86_64":
-        return None
-    raw = os.pread(kernel.fd, 4, X86_CMDLINE_SIZE_OFFSET)
-    if len(raw) != 4:
-        return None
-    size, = struct.unpack("<I", raw)
-    return max(0, size - cmdline_rules.KEXEC_FILE_X86_RESERVE)
 
 
 def _secure_boot(root: SysRoot) -> bool | None:

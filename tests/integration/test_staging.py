@@ -260,3 +260,14 @@ def test_txt_method_not_ready_names_reasons(image_dir, keys):
     with pytest.raises(NotReady, match=r"txt method is not ready: .*\[cpu-"):
         staging.prepare(str(image_dir / "signed.efi"),
                         options(image_dir, keys, method="txt"))
+
+
+def test_linux_that_is_not_a_bzimage_is_refused(image_dir, keys):
+    from support import ukibuild
+
+    fake = ukibuild.build_uki(ukibuild.UkiSpec([(".linux", b"MZ" + bytes(5000))]),
+                              image_dir / "fake.efi")
+    before = open_fds()
+    with pytest.raises(InvalidImage, match="not a usable x86 bzImage"):
+        staging.prepare(str(fake), options(image_dir, keys, allow_unsigned=True, trusted=[]))
+    assert open_fds() == before
