@@ -256,13 +256,23 @@ def read_efi_bool(root: SysRoot, var: str) -> Read:
     return Read(raw.path, raw.value[4] == 1)
 
 
+def read_lockdown(root: SysRoot) -> Read:
+    """The active lockdown mode from securityfs ("none [integrity] confidentiality"
+    → "integrity"). A failed read is returned as it is (the caller may fall back
+    to the kernel config); an unparseable line is an error "garbage"."""
+    line = root.read_line("/sys/kernel/security/lockdown")
+    if not line.ok or line.value is None:
+        return line
+    m = re.search(r"\[(\w+)\]", line.value)
+    return (Read(line.path, m.group(1)) if m else
+            Read(line.path, error="garbage", detail=line.value[:60]))
+
+
 def _lockdown(ctx: _Ctx) -> None:
-    line = ctx.root.read_line("/sys/kernel/security/lockdown")
-    if line.ok and line.value is not None:
-        m = re.search(r"\[(\w+)\]", line.value)
-        ctx.lockdown = m.group(1) if m else None
-        ctx.add("kernel.lockdown", Read(line.path, ctx.lockdown) if m else
-                Read(line.path, error="garbage", detail=line.value[:60]))
+    line = read_lockdown(ctx.root)
+    if (line.ok and line.value is not None) or line.error == "garbage":
+        ctx.lockdown = line.value
+        ctx.add("kernel.lockdown", line)
         return
     # securityfs not mounted (or no LSM): fall back to what the kernel config forces.
     src = ctx.facts["kernel.config"].path

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -243,11 +242,10 @@ def _launch_inputs(options: StageOptions):
 
 
 def _lockdown(root: SysRoot) -> str | None:
-    read = root.read_line("/sys/kernel/security/lockdown")
-    if not read.ok or read.value is None:
-        return None
-    match = re.search(r"\[(\w+)\]", read.value)
-    return match.group(1) if match else None
+    from .probe import read_lockdown
+
+    read = read_lockdown(root)
+    return read.value if read.ok else None
 
 
 def _sealed_image(path: str, options: StageOptions) -> Blob:
