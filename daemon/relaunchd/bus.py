@@ -177,7 +177,8 @@ _METHODS: dict[str, tuple[str | None, dict[str, type]]] = {
     "Inspect": ("inspect", {"profile": int}),
     "Stage": ("stage", {"profile": int, "method": str, "cmdline": str, "append": list,
                         "loader": str}),
-    "Relaunch": ("relaunch", {"force": bool, "immediate": bool, "rehearse": bool}),
+    "Relaunch": ("relaunch", {"force": bool, "immediate": bool}),
+    "Rehearse": ("relaunch", {}),
     "Cancel": ("cancel", {}),
     "GetHistory": (None, {"limit": int}),
 }
@@ -451,8 +452,10 @@ class Service:
 
     def _do_Relaunch(self, options: dict) -> str:
         return self.engine.relaunch(force=options.get("force", False),
-                                    immediate=options.get("immediate", False),
-                                    rehearse=options.get("rehearse", False))
+                                    immediate=options.get("immediate", False))
+
+    def _do_Rehearse(self, _options: dict) -> dict:
+        return to_vardict(self.engine.rehearse())
 
     def _do_Cancel(self, _options: dict) -> None:
         self.engine.cancel()

@@ -146,6 +146,7 @@ class MeasurementConfig:
     pcr: int = field(default=23, metadata=_check(_pcr))
     banks: tuple[str, ...] = field(default=("sha256",), metadata=_check(_banks))
     require_tpm: bool = False
+    tcti: str = "device:/dev/tpmrm0"
 
 
 @dataclass(frozen=True)

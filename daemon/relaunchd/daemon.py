@@ -4,11 +4,9 @@ systemd integration (`Type=notify`): READY=1 once the bus name is owned, STATUS=
 every state change, WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM. The
 process sleeps in the GLib main loop: no timer exists unless the watchdog asks for one.
 
-Journal messages carry these MESSAGE_IDs (stable; docs/dbus-api.md lists them too):
-  87b4b87f1a2143238de3e8af19a34d6a  staging started
-  3763d68974604e1cafacf0c7c26f6750  image staged
-  7b7b7ffb71044338b515f239ed8dc55b  relaunch started (quiescing / hand-off)
-  3b2b449eafb24db1ac3426aa30be85dc  operation failed (LastError)
+Journal messages carry the MESSAGE_IDs of `messages` (docs/dbus-api.md lists them):
+staging started, image staged, relaunch started, operation failed, and — logged by the
+engine in the boot a relaunch led to — relaunch verified / NOT verified.
 
 Test-only hooks (never set them in a unit file; tests/integration/test_bus_*.py uses them):
   RELAUNCHD_TEST_ENGINE=module      import `module` and use its `Engine` (and its
@@ -29,16 +27,11 @@ from typing import Any
 
 from . import __version__
 from .errors import RelaunchError
+from .messages import MESSAGE_IDS
 
 DEFAULT_CONFIG = "/etc/relaunchd/relaunchd.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
-MESSAGE_IDS = {
-    "staging": "87b4b87f1a2143238de3e8af19a34d6a",
-    "staged": "3763d68974604e1cafacf0c7c26f6750",
-    "relaunch": "7b7b7ffb71044338b515f239ed8dc55b",
-    "failure": "3b2b449eafb24db1ac3426aa30be85dc",
-}
 
 log = logging.getLogger("relaunchd")
 

@@ -19,16 +19,18 @@ Rules the code keeps:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import os
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__, probe, sealed, staging, state
+from . import __version__, probe, quiesce, sealed, staging, state
+from . import relaunch_steps as steps
 from .config import Config
 from .errors import (
     Busy,
@@ -37,11 +39,16 @@ from .errors import (
     KexecFailed,
     NotReady,
     NotStaged,
+    QuiesceFailed,
+    RelaunchAborted,
     RelaunchError,
-    Unsupported,
     VerificationFailed,
 )
+from .host import Platform, probe_config_for
+from .messages import MESSAGE_IDS
 from .sysfs import SysRoot
+
+__all__ = ["Engine", "Platform", "probe_config_for"]
 
 log = logging.getLogger("relaunchd.engine")
 
@@ -53,9 +60,6 @@ IDLE_PROGRESS = {"step": "", "done": 0, "total": 0, "percent": 0}
 # Overall percent per step: verification dominates (it reads the whole image).
 STEP_SPAN = {"checking": (0, 1), "unloading": (1, 2), "verifying": (2, 92),
              "loading": (92, 98), "recording": (98, 100)}
-HANDOFF_COMMAND = ("systemctl", "start", "--no-block", "--job-mode=replace-irreversibly",
-                   "kexec.target")
-HANDOFF_TIMEOUT = 60
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 UKI_SUFFIX = ".efi"
 
@@ -63,57 +67,6 @@ UKI_SUFFIX = ".efi"
 class _Cancelled(BaseException):
     """Raised inside the staging worker when Cancel was requested; a
     BaseException so no `except Exception` on the way turns it into a failure."""
-
-
-class Platform:
-    """What the engine does to the machine. Tests pass a fake with the same methods."""
-
-    def __init__(self, root: SysRoot | None = None,
-                 probe_config: probe.ProbeConfig | None = None) -> None:
-        self.root = root or SysRoot("/")
-        self.probe_config = probe_config or probe.ProbeConfig(root=self.root.root)
-
-    @classmethod
-    def for_config(cls, config: Config) -> Platform:
-        return cls(SysRoot(config.root), probe_config_for(config))
-
-    def kexec_loaded(self) -> bool | None:
-        return staging.loaded(self.root)
-
-    def prepare(self, path: str, options: staging.StageOptions,
-                progress: Callable[[str, int, int], None] | None = None) -> Any:
-        """staging.prepare; a seam so unit tests can stage without a real UKI."""
-        return staging.prepare(path, options, progress)
-
-    def load(self, staged: Any) -> None:
-        staging.load(staged, self.root)
-
-    def unload(self) -> None:
-        staging.unload(self.root)
-
-    def handoff(self, kind: str) -> None:
-        if kind == "immediate":
-            raise Unsupported("an immediate relaunch (without systemd) is not implemented yet")
-        if kind != "systemd":
-            raise InvalidArgument(f"unknown hand-off {kind!r}")
-        # --no-block: the job takes the system down; waiting for it would mean
-        # waiting for our own SIGTERM. The queueing itself is what can fail.
-        try:
-            result = subprocess.run(HANDOFF_COMMAND, capture_output=True, text=True,
-                                    timeout=HANDOFF_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RelaunchError(f"cannot run {' '.join(HANDOFF_COMMAND)}: {exc}") from None
-        if result.returncode != 0:
-            why = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
-            raise RelaunchError(f"{' '.join(HANDOFF_COMMAND)} failed: {why}")
-
-    def probe(self) -> probe.Report:
-        return probe.probe(self.probe_config)
-
-
-def probe_config_for(config: Config) -> probe.ProbeConfig:
-    return probe.ProbeConfig(root=config.root, acm_dirs=config.txt.sinit_acm_dirs,
-                             dl_handler=config.txt.dl_handler)
 
 
 class Engine:
@@ -141,13 +94,17 @@ class Engine:
         self._last_relaunch: dict[str, Any] = {}
         self._can_relaunch = "no"
         self._closed = False
+        self._metrics_seen: tuple | None = None
         try:
             self._refresh_capabilities()
         except Exception:
             # A probe that cannot run must not keep the service down: report
             # nothing ready; Check() will try again and raise the error.
             log.exception("probing the platform failed")
+        self._last_relaunch = self._store.load_last_relaunch()
+        self._conclude_pending()
         self.reconcile()
+        self._write_metrics()
 
     # ------------------------------------------------------------ properties
 
@@ -374,7 +331,14 @@ class Engine:
                                   "loaded")
             self._check_cancel()
             self._set_progress("recording", 0, 1, force=True)
-            record = _record_for(staged)
+            digests = self._platform.digests(staged, self._config.measurement.banks)
+            plan = self._platform.quiesce_plan(
+                quiesce.QuiescePolicy.from_config(self._config.quiesce))
+            # The shutdown hook executes this plan; it is reviewable before the relaunch.
+            self._store.save_runtime(state.QUIESCE_PLAN,
+                                     {"id": staged.id, "plan": json.loads(plan.to_json())})
+            record = dataclasses.replace(_record_for(staged), digests=digests,
+                                         quiesce=steps.plan_summary(plan))
             self._store.save_staged(record)
             with self._lock:
                 # Cancel and this transition exclude each other under the lock:
@@ -417,6 +381,7 @@ class Engine:
         """Undo a stage that did not finish: nothing loaded, no record, no memfds."""
         try:
             self._store.clear_staged()
+            self._store.clear_runtime(state.QUIESCE_PLAN)
         except OSError as exc:
             log.error("cannot remove %s: %s", self._store.staged_path, exc)
         try:
@@ -480,6 +445,7 @@ class Engine:
         self._platform.unload()
         log.info("unloaded staged image %s (%s)", self._record.id if self._record else "?", why)
         self._store.clear_staged()
+        self._store.clear_runtime(state.QUIESCE_PLAN)
         with self._lock:
             staged, self._staged, self._record = self._staged, None, None
         if staged is not None:
@@ -487,63 +453,213 @@ class Engine:
 
     # ------------------------------------------------------------ relaunch
 
-    def relaunch(self, *, force: bool = False, immediate: bool = False,
-                 rehearse: bool = False) -> str:
-        """Hand the staged image to systemd (or, later, jump directly).
-        Returns the relaunch id. On failure everything is as before: staged,
-        no pending record, LastError set, and the error is raised."""
-        if rehearse:
-            raise Unsupported("relaunch --rehearse is not implemented yet (it comes with "
-                              "quiescing)")
+    def relaunch(self, *, force: bool = False, immediate: bool = False) -> str:
+        """Measure, then hand the staged image to systemd (its shutdown hook quiesces),
+        or with `immediate` quiesce here and jump. Returns the relaunch id. On failure
+        everything is as before: staged, no pending record, LastError set, the error
+        raised; a measurement already extended stays in the log (it replays)."""
         if not self._op_lock.acquire(blocking=False):
             raise Busy(f"another operation is running (state {self.state})")
         try:
-            with self._lock:
-                current, record, staged = self._state, self._record, self._staged
-            if current != "staged" or record is None:
-                raise NotStaged(f"nothing is staged (state {current})")
-            loaded = self._platform.kexec_loaded()
-            if loaded is not True:
-                self._reconcile_locked()     # the record was stale: say so in State too
-                raise NotReady("the kernel reports no kexec image loaded "
-                               f"(/sys/kernel/kexec_loaded: {_tristate(loaded)}); stage again")
+            record = self._relaunchable()
+            self._refresh_capabilities()
+            overridden = steps.readiness(self._config, self._platform, record,
+                                         self.capabilities, force=force)
             kind = "immediate" if immediate else "systemd"
-            predictions = record.predictions
-            if staged is not None:
-                plan = staged.plan()
-                predictions = {"pcr11": plan.get("pcr11"),
-                               "pcr11_phases": plan.get("pcr11_phases")}
+            plan = self._quiesce_plan(record) if immediate else None
             pending = state.PendingRecord(
                 id=record.id, time=state.now(), path=record.path, method=record.method,
                 loader=record.loader, kernel_sha256=record.kernel_sha256,
                 initrd_sha256=record.initrd_sha256, cmdline=record.cmdline, handoff=kind,
-                boot_id=self._boot_id(), force=force, predictions=predictions or {})
+                boot_id=self._boot_id(), force=force, predictions=record.predictions or {},
+                handoff_at=time.time())
+            # Written first: a daemon killed from here on is found out at its next start.
             self._store.save_pending(pending)
-            self._emit(self._set(state="relaunching",
-                                 progress=_progress("handing off", 0, 1, 0)))
+            self._emit(self._set(state="relaunching", last_error={},
+                                 progress=_progress("measuring", 0, 3, 0)))
+            quiesced = False
             try:
+                measurement = steps.measure(self._config, self._platform, record)
+                pending = dataclasses.replace(pending, measurement=measurement,
+                                              handoff_at=time.time())
+                self._store.save_pending(pending)
+                self._history("relaunch-started", record.id, {
+                    "handoff": kind, "force": force, "method": record.method,
+                    "measured": measurement["measured"], "overridden": overridden})
+                log.warning("relaunch %s: handing off (%s, %s)", record.id, kind,
+                            "measured" if measurement["measured"] else "NOT measured",
+                            extra={"MESSAGE_ID": MESSAGE_IDS["relaunch"],
+                                   "RELAUNCH_ID": record.id})
+                if plan is not None:
+                    self._emit(self._set(state="quiescing",
+                                         progress=_progress("quiescing", 1, 3, 40)))
+                    quiesced = True
+                    self._platform.quiesce(plan, self._journal_path())
+                    self._emit(self._set(state="relaunching",
+                                         progress=_progress("handing off", 2, 3, 80)))
+                else:
+                    self._store.save_runtime(state.HANDOFF, {"id": record.id})
+                    self._emit(self._set(progress=_progress("handing off", 2, 3, 80)))
+                pending = dataclasses.replace(pending, handoff_at=time.time())
+                self._store.save_pending(pending)
                 self._platform.handoff(kind)
             except BaseException as exc:
-                error = _as_error(exc)
-                try:
-                    self._store.clear_pending()
-                finally:
-                    self._emit(self._set(state="staged",
-                                         progress=_progress("staged", 1, 1, 100),
-                                         last_error=_error_json(error)))
-                log.warning("relaunch %s: hand-off failed: %s", record.id, error)
-                self._history("relaunch-failed", record.id,
-                              {"error": error.name, "message": str(error), "handoff": kind})
-                if error is exc:
+                self._handoff_failed(record, kind, exc, quiesced)
+                if isinstance(exc, RelaunchError):
                     raise
-                raise error from exc
+                raise _as_error(exc) from exc
             log.info("relaunch %s handed off (%s)", record.id, kind)
-            self._emit(self._set(progress=_progress("handed off", 1, 1, 100)))
-            self._history("relaunch-started", record.id,
-                          {"handoff": kind, "force": force, "method": record.method})
+            self._emit(self._set(progress=_progress("handed off", 3, 3, 100)))
             return record.id
         finally:
             self._op_lock.release()
+
+    def rehearse(self) -> dict:
+        """Quiesce the live system as the staged relaunch would, check, roll back, check
+        again. The report; QuiesceFailed (rolled back) when a step fails."""
+        if not self._op_lock.acquire(blocking=False):
+            raise Busy(f"another operation is running (state {self.state})")
+        try:
+            record = self._relaunchable()
+            plan = self._quiesce_plan(record)
+            self._emit(self._set(state="quiescing", last_error={},
+                                 progress=_progress("rehearsing", 0, 1, 0)))
+            try:
+                report = self._platform.rehearse(plan, self._journal_path())
+            except BaseException as exc:
+                error = _as_error(exc)
+                self._emit(self._set(state="staged", progress=_progress("staged", 1, 1, 100),
+                                     last_error=_error_json(error)))
+                self._history("rehearsal-failed", record.id,
+                              {"error": error.name, "message": str(error)})
+                raise error from exc
+            result = _rehearsal_json(report)
+            self._emit(self._set(state="staged", progress=_progress("staged", 1, 1, 100)))
+            self._history("rehearsed", record.id, {
+                "ok": result["ok"], "executed": len(result["executed"]),
+                "mismatches": result["mismatches"]})
+            log.info("relaunch %s rehearsed: %s", record.id,
+                     "ok" if result["ok"] else "; ".join(result["mismatches"]) or "failed")
+            return result
+        finally:
+            self._op_lock.release()
+
+    def _relaunchable(self) -> state.StagedRecord:
+        """The staged record, if it is staged and loaded (held: op lock)."""
+        with self._lock:
+            current, record = self._state, self._record
+        if current != "staged" or record is None:
+            raise NotStaged(f"nothing is staged (state {current})")
+        loaded = self._platform.kexec_loaded()
+        if loaded is not True:
+            self._reconcile_locked()     # the record was stale: say so in State too
+            raise NotReady("the kernel reports no kexec image loaded "
+                           f"(/sys/kernel/kexec_loaded: {_tristate(loaded)}); stage again")
+        return record
+
+    def _quiesce_plan(self, record: state.StagedRecord) -> quiesce.QuiescePlan:
+        saved = self._store.load_runtime(state.QUIESCE_PLAN)
+        if saved is None or saved.get("id") != record.id:
+            raise NotReady(f"no quiesce plan for {record.id} in {self._config.runtime_dir}; "
+                           "stage again")
+        try:
+            return quiesce.QuiescePlan.from_json(json.dumps(saved.get("plan")))
+        except InvalidArgument as exc:
+            raise NotReady(f"the quiesce plan of {record.id} is unusable: {exc}; "
+                           "stage again") from exc
+
+    def _journal_path(self) -> str:
+        return self._store.runtime_path(state.QUIESCE_JOURNAL)
+
+    def _handoff_failed(self, record: state.StagedRecord, kind: str, exc: BaseException,
+                        quiesced: bool) -> None:
+        """Undo a relaunch that did not get away: roll back a quiesce, forget the
+        pending record and the hook's marker, back to staged with LastError."""
+        error = _as_error(exc)
+        notes = []
+        if quiesced and not isinstance(exc, QuiesceFailed):   # QuiesceFailed rolled back
+            try:
+                rolled = self._platform.rollback(self._journal_path())
+                if not rolled.ok:
+                    notes.append("ROLLBACK INCOMPLETE: " + "; ".join(rolled.failed))
+            except Exception as rb:
+                notes.append(f"ROLLBACK FAILED: {rb}")
+        for clear in (self._store.clear_pending,
+                      lambda: self._store.clear_runtime(state.HANDOFF)):
+            try:
+                clear()
+            except OSError as os_exc:
+                notes.append(f"cannot clean up: {os_exc}")
+        message = str(error) + ("; " + "; ".join(notes) if notes else "")
+        shown = {"name": error.name, "message": message, "time": state.now()}
+        self._emit(self._set(state="staged", progress=_progress("staged", 1, 1, 100),
+                             last_error=shown))
+        log.warning("relaunch %s: %s hand-off failed: %s", record.id, kind, message)
+        self._history("relaunch-failed", record.id,
+                      {"error": error.name, "message": message, "handoff": kind})
+
+    # ------------------------------------------------------------ after the new boot
+
+    def _conclude_pending(self) -> None:
+        """At start: a pending relaunch either led to this boot (prove it) or never got
+        away (the daemon was killed or systemd did not go through with it)."""
+        pending = self._store.load_pending()
+        if pending is None:
+            return
+        boot_id = self._boot_id()
+        if pending.boot_id is not None and boot_id == pending.boot_id:
+            dropped = steps.recover_measurement(self._config, self._platform, pending) \
+                if pending.measurement.get("measured") is not False else 0
+            rolled = None
+            if pending.handoff == "immediate":
+                try:
+                    rolled = self._platform.rollback(self._journal_path())
+                except Exception as exc:
+                    log.error("cannot roll back the quiesce of relaunch %s: %s", pending.id,
+                              exc)
+            self._store.clear_pending()
+            self._store.clear_runtime(state.HANDOFF)
+            why = (f"relaunch {pending.id} did not happen: relaunchd restarted in the boot "
+                   "that requested it (killed before the hand-off, or the shutdown was "
+                   "cancelled)")
+            if dropped:
+                why += f"; {dropped} measurement records that never reached the TPM were cut"
+            error = RelaunchAborted(why)
+            with self._lock:
+                self._last_error = _error_json(error)
+            log.error("%s", why, extra={"MESSAGE_ID": MESSAGE_IDS["failure"],
+                                        "RELAUNCH_ID": pending.id})
+            self._history("relaunch-aborted", pending.id, {
+                "why": why, "log_records_dropped": dropped,
+                "restored": rolled.restored if rolled is not None else []})
+            return
+        try:
+            result = steps.conclude(self._config, self._platform, pending)
+        except Exception as exc:      # never keep the service down over the proof
+            log.exception("proving relaunch %s failed", pending.id)
+            result = {"id": pending.id, "image": pending.path, "method": pending.method,
+                      "time": pending.time, "verified": False, "measured": False,
+                      "drtm": False, "downtime_ms": None,
+                      "mismatches": [f"the proof could not run: {exc}"]}
+        self._store.save_last_relaunch(result)
+        self._store.clear_pending()
+        with self._lock:
+            self._last_relaunch = result
+        verified = bool(result.get("verified"))
+        self._history("relaunch-verified" if verified else "relaunch-unverified", pending.id,
+                      {"mismatches": result.get("mismatches", []),
+                       "downtime_ms": result.get("downtime_ms"),
+                       "measured": result.get("measured")})
+        fields = {"MESSAGE_ID": MESSAGE_IDS["verified" if verified else "unverified"],
+                  "RELAUNCH_ID": pending.id}
+        if verified:
+            log.info("relaunch %s verified: running the staged image (%s, %s, %s ms)",
+                     pending.id, pending.method,
+                     "measured" if result.get("measured") else "not measured",
+                     result.get("downtime_ms"), extra=fields)
+        else:
+            log.error("relaunch %s NOT VERIFIED: %s", pending.id,
+                      "; ".join(result.get("mismatches", [])), extra=fields)
 
     def _boot_id(self) -> str | None:
         read = self._root.read_line(BOOT_ID)
@@ -709,10 +825,23 @@ class Engine:
     def _emit(self, names: set[str]) -> None:
         if not names:
             return
+        if names & {"State", "StagedImage", "LastRelaunch"}:
+            self._write_metrics()
         try:
             self._notify(set(names))
         except Exception:
             log.exception("property-change callback failed")
+
+    def _write_metrics(self) -> None:
+        with self._lock:
+            current = (self._state, self._record is not None,
+                       self._last_relaunch.get("id"), self._last_relaunch.get("verified"))
+            if current == self._metrics_seen:
+                return
+            self._metrics_seen = current
+            last = copy.deepcopy(self._last_relaunch)
+        steps.write_metrics(self._config, self._store, state=current[0], staged=current[1],
+                            last_relaunch=last)
 
     def _history(self, event: str, relaunch_id: str | None, detail: dict) -> None:
         try:
@@ -749,6 +878,17 @@ def _staged_json(record: state.StagedRecord | None) -> dict:
             "loader": record.loader, "kernel_sha256": record.kernel_sha256,
             "initrd_sha256": record.initrd_sha256 or "", "cmdline": record.cmdline,
             "staged_at": record.staged_at}
+
+
+def _rehearsal_json(report: quiesce.RehearsalReport) -> dict:
+    return {"ok": report.ok, "quiesced_ok": report.quiesced_ok,
+            "restored_ok": report.restored_ok, "mismatches": list(report.mismatches),
+            "executed": [{"action": e.action, "target": e.target, "previous": e.previous}
+                         for e in report.executed],
+            "rollback": {"restored": list(report.rollback.restored),
+                         "already": list(report.rollback.already),
+                         "failed": list(report.rollback.failed),
+                         "notes": list(report.rollback.notes)}}
 
 
 def _as_error(exc: BaseException) -> RelaunchError:

@@ -96,3 +96,28 @@ class QuiesceFailed(RelaunchError):
     """A quiesce step (CPU offline, driver unbind) failed; what was done has been rolled back."""
 
     name = "QuiesceFailed"
+
+
+class NoTpm(NotReady):
+    """There is no usable TPM (no device, no tpm2-pytss): a relaunch may go on unmeasured
+    when `measurement.require_tpm` is off."""
+
+    name = "NoTpm"
+
+
+class TpmFailed(NotReady):
+    """A TPM is there but refused a command: never ignored, whatever the configuration."""
+
+    name = "TpmFailed"
+
+
+class Inhibited(RelaunchError):
+    """A logind block inhibitor for shutdown is held; `force` overrides it."""
+
+    name = "Inhibited"
+
+
+class RelaunchAborted(RelaunchError):
+    """A relaunch ended before the hand-off (refused, interrupted, or the daemon was killed)."""
+
+    name = "RelaunchAborted"

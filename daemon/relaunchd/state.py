@@ -1,6 +1,6 @@
 """The engine's records on disk, written atomically (engine layer).
 
-Three records (DESIGN.md "Configuration and files"):
+The records (DESIGN.md "Configuration and files"):
 - `staged.json` in the runtime directory: the image loaded for the next
   relaunch. It lives in /run because a kexec load does not survive a reboot
   either; the engine reconciles it with /sys/kernel/kexec_loaded at start.
@@ -8,6 +8,10 @@ Three records (DESIGN.md "Configuration and files"):
   the next boot to check what actually came up.
 - `history.jsonl` in the state directory: one JSON object per line, newest
   last, bounded.
+- `last-relaunch.json` in the state directory: the proof of the last relaunch
+  (the LastRelaunch property), written by the boot it led to.
+- in the runtime directory, for the system-shutdown hook: the quiesce plan of the
+  staged image, the hand-off marker and the quiesce journal.
 
 Every write goes to a temporary file in the same directory, is fsynced,
 renamed over the record and the directory fsynced, so a daemon killed at any
@@ -39,6 +43,10 @@ log = logging.getLogger("relaunchd.state")
 STAGED = "staged.json"
 PENDING = "pending.json"
 HISTORY = "history.jsonl"
+LAST_RELAUNCH = "last-relaunch.json"
+QUIESCE_PLAN = "quiesce-plan.json"        # runtime dir: {"id", "plan"} for the shutdown hook
+QUIESCE_JOURNAL = "quiesce-journal.jsonl"  # runtime dir: quiesce.Journal
+HANDOFF = "handoff.json"                  # runtime dir: {"id"}: the hook may quiesce for it
 HISTORY_LIMIT = 200
 RECORD_LIMIT = 1 << 20           # a record is a few hundred bytes; refuse to slurp more
 HISTORY_BYTES_LIMIT = 16 << 20
@@ -101,6 +109,8 @@ class StagedRecord(_Record):
     cmdline: str
     staged_at: str
     predictions: dict = field(default_factory=dict)   # PCR 11 per bank, from staging
+    digests: dict = field(default_factory=dict)       # item -> bank -> hex, for measuring
+    quiesce: dict = field(default_factory=dict)       # summary of the quiesce plan
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,8 @@ class PendingRecord(_Record):
     boot_id: str | None              # the boot that handed off; the next one must differ
     force: bool = False
     predictions: dict = field(default_factory=dict)
+    handoff_at: float = 0.0          # epoch seconds, for the downtime
+    measurement: dict = field(default_factory=dict)   # measured, pcr, banks, reset_count, ...
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,10 @@ class StateStore:
         return os.path.join(self.state_dir, PENDING)
 
     @property
+    def last_relaunch_path(self) -> str:
+        return os.path.join(self.state_dir, LAST_RELAUNCH)
+
+    @property
     def history_path(self) -> str:
         return os.path.join(self.state_dir, HISTORY)
 
@@ -185,6 +201,51 @@ class StateStore:
     def clear_pending(self) -> bool:
         with self._lock:
             return atomic_remove(self.pending_path)
+
+    def load_last_relaunch(self) -> dict[str, Any]:
+        with self._lock:
+            raw = self._read(self.last_relaunch_path, RECORD_LIMIT)
+            if raw is None:
+                return {}
+            try:
+                value = json.loads(raw)
+                if not isinstance(value, dict):
+                    raise ValueError("not a JSON object")
+                return value
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._quarantine(self.last_relaunch_path, str(exc))
+                return {}
+
+    def save_last_relaunch(self, value: dict[str, Any]) -> None:
+        with self._lock:
+            atomic_write(self.last_relaunch_path, _dumps(value))
+
+    # runtime files for the shutdown hook (they die with the boot, as the kexec load does)
+    def save_runtime(self, name: str, value: dict[str, Any]) -> None:
+        with self._lock:
+            atomic_write(os.path.join(self.runtime_dir, name), _dumps(value))
+
+    def load_runtime(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            path = os.path.join(self.runtime_dir, name)
+            raw = self._read(path, RECORD_LIMIT)
+            if raw is None:
+                return None
+            try:
+                value = json.loads(raw)
+                if not isinstance(value, dict):
+                    raise ValueError("not a JSON object")
+                return value
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._quarantine(path, str(exc))
+                return None
+
+    def clear_runtime(self, name: str) -> bool:
+        with self._lock:
+            return atomic_remove(os.path.join(self.runtime_dir, name))
+
+    def runtime_path(self, name: str) -> str:
+        return os.path.join(self.runtime_dir, name)
 
     # history
     def history(self, limit: int | None = None) -> list[HistoryEntry]:

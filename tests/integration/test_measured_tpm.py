@@ -54,7 +54,11 @@ def test_extend_replays_to_the_pcr(tpm, tmp_path):
                                f"{hashlib.sha256(ITEMS_DATA['kernel']).hexdigest()} id=r1")
     with open(log_path, "rb") as f:
         assert eventlog.parse(f.read()) == records
-    assert not [n for n in os.listdir(tmp_path / "state") if n != measured.LOG_NAME]
+    # Beside the log only the TPM reset counter it belongs to; no temporary files.
+    assert sorted(os.listdir(tmp_path / "state")) == [
+        measured.LOG_NAME, measured.LOG_NAME + measured.EPOCH_SUFFIX]
+    assert (tmp_path / "state" / (measured.LOG_NAME + measured.EPOCH_SUFFIX)).read_text() \
+        == f"{measured.reset_count(tpm.tcti)}\n"
 
     actual = measured.current_pcr(tpm.tcti, PCR, BANKS)
     for bank in BANKS:
@@ -175,3 +179,58 @@ def test_refused_extend_leaves_no_record(tpm, tmp_path):
     with pytest.raises(NotReady, match="TPM refused"):
         measured.extend(tpm.tcti, 17, BANKS, _items(), log_path=log_path)
     assert not os.path.exists(log_path)
+
+
+def test_interrupted_extend_is_cut_back(tpm, tmp_path):
+    """Write-ahead: a daemon killed after writing the log but before the extends leaves
+    whole records the PCR lacks; `recover` cuts exactly those, and the log replays."""
+    log_path = str(tmp_path / measured.LOG_NAME)
+    measured.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path, relaunch_id="r1")
+    with open(log_path, "rb") as f:
+        good = f.read()
+    ahead = good
+    for label, digests in _items({"kernel": b"k2", "initrd": b"i2"}):
+        ahead = eventlog.append(ahead, eventlog.record(
+            PCR, digests, eventlog.describe(label, digests["sha256"], "r2")))
+    with open(log_path, "wb") as f:
+        f.write(ahead)
+    assert not measured.verify(log_path, tpm.tcti, PCR, BANKS).ok
+    assert measured.recover(log_path, tpm.tcti, PCR, BANKS) == 2
+    with open(log_path, "rb") as f:
+        assert f.read() == good
+    assert measured.verify(log_path, tpm.tcti, PCR, BANKS).ok
+    assert measured.recover(log_path, tpm.tcti, PCR, BANKS) == 0
+
+
+def test_tampered_log_is_not_cut_back(tpm, tmp_path):
+    log_path = str(tmp_path / measured.LOG_NAME)
+    measured.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path)
+    with open(log_path, "rb") as f:
+        tampered = _tampered(f.read(), "digest")
+    with open(log_path, "wb") as f:
+        f.write(tampered)
+    assert measured.recover(log_path, tpm.tcti, PCR, BANKS) == 0
+    with open(log_path, "rb") as f:
+        assert f.read() == tampered
+
+
+def test_tpm_reset_is_told_from_tampering(tpm, tmp_path):
+    """A firmware reboot resets the TPM (TPM2_Startup(CLEAR)): the reset counter moves,
+    verify says so instead of calling it tampering, and the next extend starts a new log
+    with the old one archived."""
+    log_path = str(tmp_path / measured.LOG_NAME)
+    measured.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path, relaunch_id="r1")
+    before = measured.reset_count(tpm.tcti)
+    subprocess.run(["swtpm_ioctl", "--tcp", f"127.0.0.1:{tpm.ctrl_port}", "-i"],
+                   check=True, timeout=10, capture_output=True)
+    subprocess.run(["tpm2_startup", "-c", "-T", tpm.tcti], check=True, timeout=10)
+    assert measured.reset_count(tpm.tcti) == before + 1
+    verdict = measured.verify(log_path, tpm.tcti, PCR, BANKS)
+    assert not verdict.ok
+    assert "TPM was reset" in verdict.mismatches[0]
+    measured.extend(tpm.tcti, PCR, BANKS, _items({"kernel": b"after reset"}),
+                    log_path=log_path, relaunch_id="r2")
+    assert measured.verify(log_path, tpm.tcti, PCR, BANKS).ok
+    assert os.path.exists(f"{log_path}.reset-{before}")
+    with open(log_path, "rb") as f:
+        assert len(eventlog.parse(f.read())) == 1

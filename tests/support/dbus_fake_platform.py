@@ -1,7 +1,9 @@
 """A test-only `engine.Platform` for the bus tests with the real engine
 (RELAUNCHD_TEST_PLATFORM=dbus_fake_platform:make). Verification is real
-(`staging.prepare`); the kexec load is a file, and the hand-off only writes a marker:
-nothing here can load a kernel, reboot or start kexec.target on the host.
+(`staging.prepare`), and so are the quiesce plan (read-only) and the measurement (no
+TPM on a development host: unmeasured); the kexec load is a file, quiesce and its
+rehearsal only record the plan, and the hand-off only writes a marker: nothing here
+can load a kernel, offline a CPU, reboot or start kexec.target on the host.
 
 Environment: FAKE_LOAD_DELAY (s, default 0) slows the load so a test can kill the
 daemon mid-staging.
@@ -13,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from relaunchd import quiesce
 from relaunchd.engine import Platform
 
 
@@ -36,6 +39,15 @@ class FakePlatform(Platform):
     def handoff(self, kind: str) -> None:
         with open(self.handoffs, "a") as f:
             f.write(kind + "\n")
+
+    def quiesce(self, plan, journal):
+        return quiesce.ExecuteReport()
+
+    def rehearse(self, plan, journal):
+        return quiesce.RehearsalReport([], True, True, [], quiesce.RollbackReport())
+
+    def rollback(self, journal):
+        return quiesce.RollbackReport()
 
 
 def make(config) -> FakePlatform:

@@ -3,6 +3,7 @@ failure without leftovers, reconcile, relaunch hand-off and roll-back, notify.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from relaunchd import state
+from relaunchd import quiesce, state
 from relaunchd.config import Config, LaunchConfig, TrustConfig
 from relaunchd.engine import Engine
 from relaunchd.errors import (
@@ -23,10 +24,12 @@ from relaunchd.errors import (
     KexecFailed,
     NotReady,
     NotStaged,
+    QuiesceFailed,
     RelaunchError,
-    Unsupported,
     VerificationFailed,
 )
+from relaunchd.host import BootFacts
+from relaunchd.measured import Verdict as LogVerdict
 from relaunchd.probe import Check, Report, Verdict
 from relaunchd.sysfs import Read
 
@@ -96,6 +99,17 @@ class FakePlatform:
         self.in_load = threading.Event()
         self.release_load = threading.Event()
         self.release_load.set()
+        self.inhibitors: list[dict] = []
+        self.tpm = True                       # False: measure raises NoTpm
+        self.fail_measure: BaseException | None = None
+        self.fail_quiesce: BaseException | None = None
+        self.reset_count = 7
+        self.verdict = LogVerdict(True, {"sha256": "aa"}, {"sha256": "aa"}, ())
+        self.facts = BootFacts(boot_id="new-boot", cmdline="console=ttyS0\n",
+                               kernel_started=None, now=time.time(), slaunch=False,
+                               drtm_pcrs={})
+        self.measured_items: list = []
+        self.dropped = 0
 
     def kexec_loaded(self) -> bool | None:
         return self.loaded
@@ -138,6 +152,59 @@ class FakePlatform:
 
     def probe(self) -> Report:
         return self.report
+
+    def digests(self, staged, banks):
+        return {item: {b: f"{n:02x}" * 32 for b in banks}
+                for n, item in enumerate(("kernel", "initrd", "cmdline"), 1)}
+
+    def quiesce_plan(self, policy):
+        return quiesce.QuiescePlan(reboot_cpu=0, offline_cpus=(1,), kept_cpus=(), devices=(),
+                                   holders=())
+
+    def quiesce(self, plan, journal):
+        self.calls.append(("quiesce", plan.offline_cpus))
+        if self.fail_quiesce is not None:
+            raise self.fail_quiesce
+        return quiesce.ExecuteReport()
+
+    def rehearse(self, plan, journal):
+        self.calls.append(("rehearse", plan.offline_cpus))
+        if self.fail_quiesce is not None:
+            raise self.fail_quiesce
+        entry = quiesce.JournalEntry(quiesce.CPU_OFFLINE, "1", "1")
+        return quiesce.RehearsalReport([entry], True, True, [],
+                                       quiesce.RollbackReport(restored=["CPU 1 online"]))
+
+    def rollback(self, journal):
+        self.calls.append(("rollback",))
+        return quiesce.RollbackReport()
+
+    def block_inhibitors(self):
+        return list(self.inhibitors)
+
+    def measure(self, tcti, pcr, banks, items, log_path, relaunch_id):
+        from relaunchd.errors import NoTpm
+
+        self.calls.append(("measure", pcr))
+        if not self.tpm:
+            raise NoTpm("no TPM: cannot open device:/dev/tpmrm0")
+        if self.fail_measure is not None:
+            raise self.fail_measure
+        self.measured_items = list(items)
+        return self.reset_count
+
+    def measurement_verdict(self, log_path, tcti, pcr, banks):
+        return self.verdict
+
+    def tpm_reset_count(self, tcti):
+        return self.reset_count
+
+    def recover_log(self, log_path, tcti, pcr, banks):
+        self.calls.append(("recover",))
+        return self.dropped
+
+    def boot_facts(self, drtm, tcti):
+        return dataclasses.replace(self.facts, now=time.time())
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
@@ -621,7 +688,7 @@ def test_relaunch_hands_off(env):
     engine, relaunch_id = staged_engine(env)
     env.notes.calls.clear()
     assert engine.relaunch(force=True) == relaunch_id
-    assert env.platform.calls[-1] == ("handoff", "systemd")
+    assert env.platform.calls[-2:] == [("measure", 23), ("handoff", "systemd")]
     assert engine.state == "relaunching"
     pending = json.loads(env.pending_json.read_text())
     assert pending["id"] == relaunch_id and pending["handoff"] == "systemd"
@@ -668,17 +735,257 @@ def test_handoff_failure_rolls_back(env, failure):
     assert engine.state == "relaunching"
 
 
-def test_immediate_and_rehearse(env):
-    engine, _ = staged_engine(env)
-    env.platform.fail_handoff = Unsupported("immediate: not yet")
-    with pytest.raises(Unsupported):
-        engine.relaunch(immediate=True)
+def test_immediate_quiesces_then_jumps(env):
+    engine, relaunch_id = staged_engine(env)
+    assert engine.relaunch(immediate=True) == relaunch_id
+    assert env.platform.names()[-3:] == ["measure", "quiesce", "handoff"]
     assert env.platform.calls[-1] == ("handoff", "immediate")
+    assert "quiescing" in env.notes.states
+    pending = json.loads(env.pending_json.read_text())
+    assert pending["handoff"] == "immediate" and pending["measurement"]["measured"] is True
+    # the shutdown hook's marker is for systemd hand-offs only
+    assert not (Path(env.config.runtime_dir) / state.HANDOFF).exists()
+
+
+def test_immediate_kexec_failure_rolls_the_quiesce_back(env):
+    engine, _ = staged_engine(env)
+    env.platform.fail_handoff = KexecFailed("reboot(LINUX_REBOOT_CMD_KEXEC) failed")
+    with pytest.raises(KexecFailed):
+        engine.relaunch(immediate=True)
+    assert env.platform.names()[-2:] == ["handoff", "rollback"]
     assert engine.state == "staged" and not env.pending_json.exists()
-    calls = len(env.platform.calls)
-    with pytest.raises(Unsupported, match="not implemented yet"):
-        engine.relaunch(rehearse=True)
-    assert len(env.platform.calls) == calls and engine.state == "staged"
+    assert engine.last_error["name"] == "KexecFailed"
+
+
+def test_failing_quiesce_stops_the_relaunch(env):
+    engine, _ = staged_engine(env)
+    env.platform.fail_quiesce = QuiesceFailed("offline CPU 1 failed: EBUSY; rolled back")
+    with pytest.raises(QuiesceFailed):
+        engine.relaunch(immediate=True)
+    assert "handoff" not in env.platform.names()
+    assert "rollback" not in env.platform.names()      # execute rolled back itself
+    assert engine.state == "staged" and engine.last_error["name"] == "QuiesceFailed"
+    assert not env.pending_json.exists()
+
+
+def test_rehearse(env):
+    engine, _ = staged_engine(env)
+    env.notes.states.clear()
+    report = engine.rehearse()
+    assert report["ok"] is True
+    assert report["executed"] == [{"action": "cpu-offline", "target": "1", "previous": "1"}]
+    assert report["rollback"]["restored"] == ["CPU 1 online"]
+    assert env.notes.states == ["quiescing", "staged"]
+    assert "handoff" not in env.platform.names() and not env.pending_json.exists()
+    assert engine.history()[-1]["event"] == "rehearsed"
+    env.platform.fail_quiesce = QuiesceFailed("unbind 0000:00:03.0 failed; rolled back")
+    with pytest.raises(QuiesceFailed):
+        engine.rehearse()
+    assert engine.state == "staged" and engine.last_error["name"] == "QuiesceFailed"
+    assert engine.history()[-1]["event"] == "rehearsal-failed"
+
+
+def test_rehearse_needs_a_plan_for_the_staged_image(env):
+    engine, _ = staged_engine(env)
+    (Path(env.config.runtime_dir) / state.QUIESCE_PLAN).unlink()
+    with pytest.raises(NotReady, match="no quiesce plan"):
+        engine.rehearse()
+    with pytest.raises(NotStaged):
+        env.engine().close() or Engine(env.config, platform=FakePlatform()).rehearse()
+
+
+def test_stage_records_digests_and_the_quiesce_plan(env):
+    engine, relaunch_id = staged_engine(env)
+    record = json.loads(env.staged_json.read_text())
+    assert record["digests"]["kernel"] == {"sha256": "01" * 32}
+    assert record["quiesce"]["offline_cpus"] == [1]
+    plan = json.loads((Path(env.config.runtime_dir) / state.QUIESCE_PLAN).read_text())
+    assert plan["id"] == relaunch_id and plan["plan"]["offline_cpus"] == [1]
+    engine.cancel()
+    assert not (Path(env.config.runtime_dir) / state.QUIESCE_PLAN).exists()
+
+
+def test_measurement_extends_the_staged_digests(env):
+    engine, relaunch_id = staged_engine(env)
+    engine.relaunch()
+    assert [label for label, _ in env.platform.measured_items] == ["kernel", "initrd",
+                                                                   "cmdline"]
+    assert env.platform.measured_items[0][1] == {"sha256": bytes.fromhex("01" * 32)}
+    measurement = json.loads(env.pending_json.read_text())["measurement"]
+    assert measurement == {"measured": True, "pcr": 23, "banks": ["sha256"],
+                           "log": os.path.join(env.config.state_dir, "measurements.log"),
+                           "reset_count": 7, "items": ["kernel", "initrd", "cmdline"]}
+    marker = json.loads((Path(env.config.runtime_dir) / state.HANDOFF).read_text())
+    assert marker == {"id": relaunch_id}
+
+
+def test_no_tpm_relaunches_unmeasured_unless_required(env, tmp_path):
+    from relaunchd.config import MeasurementConfig
+    from relaunchd.errors import NoTpm
+
+    engine, _ = staged_engine(env)
+    env.platform.tpm = False
+    engine.relaunch()
+    measurement = json.loads(env.pending_json.read_text())["measurement"]
+    assert measurement["measured"] is False and "no TPM" in measurement["reason"]
+
+    strict = dataclasses.replace(env.config, state_dir=str(tmp_path / "state2"),
+                                 runtime_dir=str(tmp_path / "run2"),
+                                 measurement=MeasurementConfig(require_tpm=True))
+    env.config = strict
+    env.platform.loaded = False
+    engine, _ = staged_engine(env)
+    with pytest.raises(NoTpm, match="require_tpm"):
+        engine.relaunch()
+    assert engine.state == "staged" and engine.last_error["name"] == "NoTpm"
+    assert "handoff" not in env.platform.names()[-2:]
+    assert not env.pending_json.exists()
+
+
+def test_a_refusing_tpm_always_stops_the_relaunch(env):
+    from relaunchd.errors import TpmFailed
+
+    engine, _ = staged_engine(env)
+    env.platform.fail_measure = TpmFailed("TPM refused the extend: TPM_RC_LOCALITY")
+    with pytest.raises(TpmFailed):
+        engine.relaunch(force=True)
+    assert engine.state == "staged" and engine.last_error["name"] == "TpmFailed"
+    assert env.platform.names()[-1] == "measure" and not env.pending_json.exists()
+
+
+def test_inhibitors_block_unless_forced(env):
+    from relaunchd.errors import Inhibited
+
+    engine, _ = staged_engine(env)
+    env.platform.inhibitors = [{"what": "shutdown", "who": "apt", "why": "upgrading",
+                                "mode": "block", "uid": 0, "pid": 4242}]
+    with pytest.raises(Inhibited, match="apt .upgrading, pid 4242"):
+        engine.relaunch()
+    assert engine.state == "staged" and "measure" not in env.platform.names()
+    assert not env.pending_json.exists()
+    engine.relaunch(force=True)
+    assert engine.history()[-1]["detail"]["overridden"] == [
+        "inhibitors: apt (upgrading, pid 4242)"]
+
+
+def test_method_no_longer_ready_refuses(env):
+    engine, _ = staged_engine(env)
+    env.platform.report = make_report(ready=set())
+    with pytest.raises(NotReady, match="no longer ready"):
+        engine.relaunch()
+    assert engine.state == "staged" and "measure" not in env.platform.names()
+
+
+# ------------------------------------------------------------------ after the new boot
+
+def relaunched(env: Env, **pending_changes) -> None:
+    """An engine relaunches (fake hand-off), then the machine 'boots' into facts."""
+    engine, _ = staged_engine(env)
+    engine.relaunch()
+    engine.close()
+    if pending_changes:
+        data = json.loads(env.pending_json.read_text())
+        data.update(pending_changes)
+        env.pending_json.write_text(json.dumps(data))
+    new_boot(env)
+    env.platform.calls.clear()
+
+
+def new_boot(env: Env) -> None:
+    """What a reboot does to the fakes: new boot id, /run emptied, no kexec image."""
+    (Path(env.config.root) / "proc/sys/kernel/random/boot_id").write_text("new-boot\n")
+    for path in Path(env.config.runtime_dir).iterdir():
+        path.unlink()
+    env.platform.loaded = False
+
+
+def test_new_boot_proves_the_relaunch(env):
+    relaunched(env)
+    env.platform.facts = dataclasses.replace(env.platform.facts,
+                                             kernel_started=time.time())
+    engine = env.engine()
+    last = engine.last_relaunch
+    assert last["verified"] is True, last["mismatches"]
+    assert last["measured"] is True and last["drtm"] is False and last["mismatches"] == []
+    assert last["previous_boot_id"] == BOOT_ID and last["boot_id"] == "new-boot"
+    assert last["downtime_ms"] >= 0 and set(last["phases"]) == {"down_ms", "up_ms"}
+    assert not env.pending_json.exists()
+    assert engine.history()[-1]["event"] == "relaunch-verified"
+    assert json.loads((Path(env.config.state_dir) / "last-relaunch.json").read_text()) == last
+    assert env.engine().last_relaunch == last          # kept across restarts
+
+
+@pytest.mark.parametrize("what, expect", [
+    ("cmdline", "/proc/cmdline is"),
+    ("reset", "the TPM was reset since the hand-off"),
+    ("log", "PCR 23 sha256: log replays"),
+    ("boot_id", "the boot id did not change"),
+])
+def test_new_boot_that_is_not_the_staged_one_is_unverified(env, what, expect):
+    relaunched(env)
+    p = env.platform
+    if what == "cmdline":
+        p.facts = dataclasses.replace(p.facts, cmdline="console=ttyS0 quiet\n")
+    elif what == "reset":
+        p.reset_count = 8
+    elif what == "log":
+        p.verdict = LogVerdict(False, {"sha256": "aa"}, {"sha256": "bb"},
+                            ("PCR 23 sha256: log replays to aa, TPM has bb",))
+    else:
+        p.facts = dataclasses.replace(p.facts, boot_id=BOOT_ID)
+        # the boot id file says new-boot, so the engine treats it as a new boot, but
+        # the facts it gathers disagree: the outcome must still fail
+    engine = env.engine()
+    last = engine.last_relaunch
+    assert last["verified"] is False
+    assert any(expect in m for m in last["mismatches"]), last["mismatches"]
+    assert engine.history()[-1]["event"] == "relaunch-unverified"
+
+
+def test_unmeasured_relaunch_is_verified_without_a_tpm_check(env):
+    env.platform.tpm = False
+    relaunched(env)
+    env.platform.verdict = LogVerdict(False, {}, {}, ("would fail",))
+    last = env.engine().last_relaunch
+    assert last["verified"] is True and last["measured"] is False
+
+
+def test_restart_in_the_same_boot_reports_an_aborted_relaunch(env):
+    engine, relaunch_id = staged_engine(env)
+    engine.relaunch()
+    engine.close()         # as if SIGKILLed after the hand-off request, no new boot
+    env.platform.calls.clear()
+    env.platform.dropped = 3
+    again = env.engine()
+    assert again.state == "staged"                     # still loaded: can try again
+    assert again.last_error["name"] == "RelaunchAborted"
+    assert "3 measurement records" in again.last_error["message"]
+    assert ("recover",) in env.platform.calls
+    assert not env.pending_json.exists()
+    assert not (Path(env.config.runtime_dir) / state.HANDOFF).exists()
+    assert again.history()[-1]["event"] == "relaunch-aborted"
+    assert again.last_relaunch == {}
+    again.relaunch()
+    assert again.state == "relaunching"
+
+
+def test_metrics_textfile(env, tmp_path):
+    from relaunchd.config import MetricsConfig
+
+    prom = tmp_path / "textfile" / "relaunchd.prom"
+    prom.parent.mkdir()
+    env.config = dataclasses.replace(env.config,
+                                     metrics=MetricsConfig(textfile_path=str(prom)))
+    engine, _ = staged_engine(env)
+    assert "relaunchd_staged 1" in prom.read_text()
+    engine.relaunch()
+    engine.close()
+    new_boot(env)
+    env.engine()
+    text = prom.read_text()
+    assert "relaunchd_last_relaunch_verified 1" in text
+    assert 'relaunchd_relaunches_total{result="verified"} 1' in text
+    assert "relaunchd_staged 0" in text
 
 
 # ------------------------------------------------------------------ queries
@@ -753,7 +1060,7 @@ def test_restage_announces_every_change(env):
 
 def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
     """The real hand-off queues kexec.target; a fake systemctl on PATH records it."""
-    from relaunchd.engine import HANDOFF_COMMAND, Platform
+    from relaunchd.host import HANDOFF_COMMAND, Platform
 
     log = tmp_path / "args"
     tool = tmp_path / "bin" / "systemctl"
@@ -769,7 +1076,5 @@ def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
     monkeypatch.setenv("FAIL", "Transaction is destructive.")
     with pytest.raises(RelaunchError, match="Transaction is destructive"):
         platform.handoff("systemd")
-    with pytest.raises(Unsupported):
-        platform.handoff("immediate")
     with pytest.raises(InvalidArgument):
         platform.handoff("reboot")

@@ -1,35 +1,48 @@
-"""`relaunchctl relaunch [--wait] [--force]`: relaunch into the staged image.
+"""`relaunchctl relaunch [--wait] [--force] [--immediate | --rehearse]`.
 
-With --wait it returns only when the system is going down (relaunchd reached
-`relaunching`, or left the bus) — exit 0 — or the relaunch failed — exit 1; so it
-can be kured's --reboot-command or Ansible's reboot_command.
+Relaunch into the staged image. With --wait it returns only when the system is going
+down (relaunchd reached `relaunching`, or left the bus) — exit 0 — or the relaunch
+failed — exit 1; so it can be kured's --reboot-command or Ansible's reboot_command.
+--rehearse performs the quiesce plan on the live system, checks it and rolls it back:
+exit 0 when everything was as before afterwards, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import EXIT_OK
+from . import EXIT_FAILED, EXIT_OK
 from .busclient import connect, handled, interactive, wait_relaunch
 from .output import print_json
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("relaunch", help="relaunch into the staged image (D-Bus)",
-                                   description="Quiesce and hand off to the staged kernel.")
+                                   description="Measure, quiesce and hand off to the staged "
+                                               "kernel.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--wait", action="store_true",
                         help="block until the system goes down (0) or the relaunch fails (1)")
     parser.add_argument("--force", action="store_true",
                         help="relaunch even if inhibitors or readiness checks object")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--immediate", action="store_true",
+                     help="quiesce and kexec at once, without stopping services "
+                          "(filesystems are synced, not unmounted)")
+    how.add_argument("--rehearse", action="store_true",
+                     help="quiesce the live system, check, roll back; no relaunch")
     parser.set_defaults(func=handled(run))
 
 
 def run(args: argparse.Namespace) -> int:
     client = connect()
+    if args.rehearse:
+        return _rehearse(client, args)
     watch = client.watch() if args.wait else None   # subscribe before the call
     try:
         options = {"force": True} if args.force else {}
+        if args.immediate:
+            options["immediate"] = True
         ident = client.call("Relaunch", options=options, interactive=interactive())
         result = {"id": ident, "state": None}
         if watch is not None:
@@ -46,3 +59,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"relaunch {ident} started ({result['state']})")
     return EXIT_OK
+
+
+def _rehearse(client, args: argparse.Namespace) -> int:
+    report = client.call("Rehearse", options={}, interactive=interactive())
+    if args.json:
+        print_json(report)
+    else:
+        done = report.get("executed", [])
+        print(f"rehearsal: {'OK' if report.get('ok') else 'FAILED'}")
+        for entry in done:
+            print(f"  did:      {entry.get('action')} {entry.get('target')}")
+        rollback = report.get("rollback", {})
+        for line in rollback.get("restored", []):
+            print(f"  restored: {line}")
+        for line in rollback.get("failed", []):
+            print(f"  NOT RESTORED: {line}")
+        for line in report.get("mismatches", []):
+            print(f"  mismatch: {line}")
+        if not done:
+            print("  (the plan has nothing to do: no CPUs to offline, no devices to unbind)")
+    return EXIT_OK if report.get("ok") else EXIT_FAILED
