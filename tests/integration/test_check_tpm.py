@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 
@@ -18,9 +17,12 @@ import pytest
 from fixtures.platforms.build import materialize
 from relaunchd import tpm
 from support.swtpm import running_swtpm
+from support.tools import require
 
-pytestmark = pytest.mark.skipif(not shutil.which("swtpm") or not shutil.which("swtpm_ioctl"),
-                                reason="swtpm not installed (make setup)")
+
+@pytest.fixture(autouse=True)
+def _tools():
+    require("swtpm", "swtpm_ioctl")
 
 
 def test_drtm_pcrs_before_and_after_a_simulated_launch(tmp_path):

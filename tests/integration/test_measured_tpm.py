@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -18,9 +17,12 @@ import yaml
 from relaunchd import eventlog, measured
 from relaunchd.errors import InvalidArgument, NotReady
 from support.swtpm import running_swtpm
+from support.tools import require
 
-pytestmark = pytest.mark.skipif(not shutil.which("swtpm") or not shutil.which("tpm2_pcrreset"),
-                                reason="swtpm or tpm2-tools not installed (make setup)")
+
+@pytest.fixture(autouse=True)
+def _tools():
+    require("swtpm", "tpm2_pcrreset", "tpm2_eventlog")
 
 PCR = 23
 BANKS = ("sha256", "sha1")
@@ -127,8 +129,6 @@ def test_log_and_tpm_from_different_runs_disagree(tmp_path):
 
 
 def test_tpm2_eventlog_reads_the_log(tpm, tmp_path):
-    if not shutil.which("tpm2_eventlog"):
-        pytest.skip("tpm2_eventlog not installed")
     log_path = str(tmp_path / measured.LOG_NAME)
     measured.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path, relaunch_id="r1")
     p = subprocess.run(["tpm2_eventlog", log_path], capture_output=True, text=True,

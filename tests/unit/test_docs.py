@@ -18,6 +18,7 @@ import yaml
 
 from relaunchd import daemon
 from relaunchd.cli import COMMANDS, build_parser
+from support.tools import require
 
 TOP = Path(__file__).resolve().parents[2]
 MAN = TOP / "docs" / "man"
@@ -54,9 +55,8 @@ def test_page_renders_without_warnings(name):
 
 @pytest.mark.parametrize("name", PAGES)
 def test_page_renders_with_man_without_warnings(name):
+    require("man")
     man = shutil.which("man")
-    if not man:
-        pytest.skip("man-db not installed")
     result = subprocess.run([man, "--warnings", "-l", str(MAN / name)],
                             capture_output=True, text=True, timeout=60,
                             env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})

@@ -10,6 +10,7 @@ import pytest
 
 from relaunchd import purgatory
 from relaunchd.errors import InvalidArgument
+from support.tools import require
 
 OBJDUMP = shutil.which("objdump")
 
@@ -18,6 +19,7 @@ def disassemble(code: bytes, tmp_path) -> list[tuple[str, str]]:
     """(mnemonic, operands) per instruction, from objdump in Intel syntax."""
     path = tmp_path / "purgatory.bin"
     path.write_bytes(code)
+    require("objdump")
     out = subprocess.run([OBJDUMP, "-D", "-b", "binary", "-m", "i386:x86-64", "-M", "intel",
                           str(path)], capture_output=True, text=True, check=True).stdout
     insns = []
@@ -29,7 +31,6 @@ def disassemble(code: bytes, tmp_path) -> list[tuple[str, str]]:
     return insns
 
 
-@pytest.mark.skipif(OBJDUMP is None, reason="binutils not installed")
 @pytest.mark.parametrize("cli", [True, False])
 def test_objdump_reads_our_instructions(tmp_path, cli):
     zero_page, kernel = 0x100000, purgatory.kernel_entry(0x1000000)
@@ -41,7 +42,6 @@ def test_objdump_reads_our_instructions(tmp_path, cli):
     assert len(code) == (23 if cli else 22)
 
 
-@pytest.mark.skipif(OBJDUMP is None, reason="binutils not installed")
 def test_full_width_immediates(tmp_path):
     code = purgatory.build_purgatory(0xFEDCBA9876543210, 0x0123456789ABCDEF, cli=False)
     assert disassemble(code, tmp_path) == [("movabs", "rsi,0xfedcba9876543210"),
