@@ -20,6 +20,7 @@ anything else is sent as its str(). docs/dbus-api.md documents the same.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -205,6 +206,7 @@ class Service:
         self._unref = _Unref()
         self._lock = threading.Lock()
         self._pending: set[str] = set()
+        self._inflight = 0                    # method calls whose reply is not sent yet
         self._scheduled = False
         self._last_progress = 0.0
         self._hooks: list[Callable[[set[str]], None]] = []
@@ -343,8 +345,37 @@ class Service:
             self._reply(invocation, None, DBUS_ERROR + "PropertyReadOnly",
                         "relaunchd properties are read-only")
 
+    def drain(self, timeout: float, then: Callable[[], None]) -> None:
+        """Call `then` (on the main loop) once every running method call has replied, or
+        after `timeout` s. On SIGTERM: the Relaunch that asked systemd for kexec.target
+        is still finishing when systemd stops us, and its caller deserves the reply."""
+        deadline = time.monotonic() + timeout
+
+        def check() -> bool:
+            with self._lock:
+                busy = self._inflight
+            if busy and time.monotonic() < deadline:
+                return True          # GLib: call again
+            if busy:
+                log.warning("stopping with %d method calls unanswered", busy)
+            with contextlib.suppress(GLib.Error):
+                self._con.flush_sync(None)
+            then()
+            return False
+
+        if check():
+            GLib.timeout_add(50, check)
+
     def _run(self, invocation: Gio.DBusMethodInvocation, method: str, args: list) -> None:
-        future = self._pool.submit(getattr(self, "_do_" + method), *args)
+        with self._lock:
+            self._inflight += 1
+        try:
+            future = self._pool.submit(getattr(self, "_do_" + method), *args)
+        except RuntimeError as exc:       # the pool is shut down: we are stopping
+            with self._lock:
+                self._inflight -= 1
+            self._reply_error(invocation, exc)
+            return
 
         def done(f: Future) -> None:
             GLib.idle_add(self._finish, invocation, method, f)
@@ -352,6 +383,8 @@ class Service:
         future.add_done_callback(done)
 
     def _finish(self, invocation: Gio.DBusMethodInvocation, method: str, future: Future) -> bool:
+        with self._lock:
+            self._inflight -= 1
         try:
             result = future.result()
             sig = self._outsig[method]

@@ -13,6 +13,8 @@ Test-only hooks (never set them in a unit file; tests/integration/test_bus_*.py 
                                     `load_config`, if it has one) instead of relaunchd's
   RELAUNCHD_TEST_PLATFORM=module:fn pass `fn(config)` as the engine's `platform=`, e.g. a
                                     fake whose load/hand-off touch nothing on the host
+  RELAUNCHD_TEST_FAIL_STORE=N[:after] fail the N-th sysfs store of a quiesce (host.py;
+                                    the VM tier's rollback test, inside the guest only)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .messages import MESSAGE_IDS
 
 DEFAULT_CONFIG = "/etc/relaunchd/relaunchd.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+STOP_DRAIN_SECONDS = 5.0
 
 
 log = logging.getLogger("relaunchd")
@@ -170,7 +173,9 @@ def serve(config: Any) -> int:
         def stop() -> None:
             log.info("stopping")
             _notify("STOPPING=1")
-            loop.quit()
+            # A Relaunch that just queued kexec.target is what stops us: let its reply
+            # (the relaunch id) reach the caller first.
+            service.drain(STOP_DRAIN_SECONDS, loop.quit)
 
         bus.on_unix_signal(signal.SIGTERM, stop)
         bus.on_unix_signal(signal.SIGINT, stop)

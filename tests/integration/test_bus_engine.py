@@ -148,6 +148,24 @@ def test_sigkill_when_staged_then_restart_and_relaunch(private_bus, setup):
         d.stop()
 
 
+def test_relaunch_reply_survives_the_shutdown_it_starts(private_bus, setup):
+    """systemd stops relaunchd as soon as kexec.target is queued; the daemon still
+    answers the Relaunch call with the id before it exits."""
+    d = start(private_bus, setup, FAKE_HANDOFF_STOPS_US="1", **FAKE_PLATFORM)
+    try:
+        r = relaunchctl(private_bus, "stage", "--json", str(setup["image"]))
+        assert r.returncode == 0, r.stderr
+        ident = json.loads(r.stdout)["id"]
+        r = relaunchctl(private_bus, "relaunch", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["id"] == ident
+        d.proc.wait(timeout=15)
+        assert d.proc.returncode == 0, d.output()
+        assert (setup["dir"] / "state" / "pending.json").exists()
+    finally:
+        d.stop()
+
+
 def test_corrupt_state_file(private_bus, setup):
     staged = setup["dir"] / "run" / "staged.json"
     staged.write_text("{not json")

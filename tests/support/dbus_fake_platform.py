@@ -6,12 +6,14 @@ rehearsal only record the plan, and the hand-off only writes a marker: nothing h
 can load a kernel, offline a CPU, reboot or start kexec.target on the host.
 
 Environment: FAKE_LOAD_DELAY (s, default 0) slows the load so a test can kill the
-daemon mid-staging.
+daemon mid-staging; FAKE_HANDOFF_STOPS_US=1 makes the hand-off SIGTERM the daemon before
+it returns, as the real shutdown does.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -39,6 +41,11 @@ class FakePlatform(Platform):
     def handoff(self, kind: str) -> None:
         with open(self.handoffs, "a") as f:
             f.write(kind + "\n")
+        if os.environ.get("FAKE_HANDOFF_STOPS_US"):
+            # As systemd does once kexec.target is queued: SIGTERM to the service while
+            # the hand-off call is still returning.
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
 
     def quiesce(self, plan, journal):
         return quiesce.ExecuteReport()

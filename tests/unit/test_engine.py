@@ -1073,6 +1073,12 @@ def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
     platform.handoff("systemd")
     assert log.read_text().split() == list(HANDOFF_COMMAND[1:])
     assert {"--job-mode=replace-irreversibly", "kexec.target"} <= set(HANDOFF_COMMAND)
+    # Killed by the shutdown it started (systemd signals relaunchd's whole cgroup):
+    # the hand-off was accepted.
+    tool.write_text(f'#!/bin/sh\necho "$@" > {log}\nkill -TERM $$\n')
+    platform.handoff("systemd")
+    tool.write_text(f'#!/bin/sh\necho "$@" > {log}\n[ -z "$FAIL" ] || {{ echo "$FAIL" >&2; '
+                    'exit 1; }\n')
     monkeypatch.setenv("FAIL", "Transaction is destructive.")
     with pytest.raises(RelaunchError, match="Transaction is destructive"):
         platform.handoff("systemd")
