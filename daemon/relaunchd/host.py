@@ -19,7 +19,7 @@ from typing import Any
 from . import measured, probe, quiesce, staging
 from .errors import InvalidArgument, KexecFailed, RelaunchError
 from .sysfs import SysRoot
-from .sysfs_write import SysWriter
+from .sysfs_write import FailAt, SysWriter
 
 HANDOFF_COMMAND = ("systemctl", "start", "--no-block", "--job-mode=replace-irreversibly",
                    "kexec.target")
@@ -102,7 +102,7 @@ class Platform:
 
     def _writer(self) -> SysWriter:
         # The only place the live root is allowed: the daemon on the machine it manages.
-        return SysWriter(self.root.root, allow_live=True)
+        return SysWriter(self.root.root, allow_live=True, fail=_injected_failure())
 
     # ------------------------------------------------------------ readiness
 
@@ -175,6 +175,17 @@ class Platform:
             slaunch=os.path.isdir(self.root.host_path(SLAUNCH_DIR)), drtm_pcrs=pcrs)
 
 
+def _injected_failure() -> FailAt | None:
+    """Test-only fault injection (the VM tier's rollback test sets it in a unit drop-in):
+    RELAUNCHD_TEST_FAIL_STORE=N fails the N-th sysfs store of a quiesce, N:after makes
+    the store happen and then report failure. Never set it on a real machine."""
+    spec = os.environ.get("RELAUNCHD_TEST_FAIL_STORE", "")
+    nth, _, when = spec.partition(":")
+    if not nth.isdigit():
+        return None
+    return FailAt(nth=int(nth), after=when == "after")
+
+
 def probe_config_for(config: Any) -> probe.ProbeConfig:
     return probe.ProbeConfig(root=config.root, acm_dirs=config.txt.sinit_acm_dirs,
                              dl_handler=config.txt.dl_handler)
@@ -189,6 +200,11 @@ def _start_kexec_target() -> None:
                                 timeout=HANDOFF_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RelaunchError(f"cannot run {' '.join(HANDOFF_COMMAND)}: {exc}") from None
+    if result.returncode < 0:
+        # Killed by a signal: the job was queued and systemd, stopping relaunchd.service
+        # on its way to kexec.target, signalled the whole cgroup — systemctl included —
+        # before it exited. That is the hand-off succeeding, not failing.
+        return
     if result.returncode != 0:
         why = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
         raise RelaunchError(f"{' '.join(HANDOFF_COMMAND)} failed: {why}")
