@@ -75,7 +75,13 @@ def run(verb: str, runtime_dir: str, root: str = "/") -> int:
         return 0
     marker = _read_json(os.path.join(runtime_dir, HANDOFF))
     if marker is None:
-        return 0          # not relaunchd's kexec
+        try:
+            present = ", ".join(sorted(os.listdir(runtime_dir))) or "empty"
+        except OSError as exc:
+            present = exc.strerror or str(exc)
+        _say(f"no relaunch handed off ({os.path.join(runtime_dir, HANDOFF)} absent; "
+             f"{runtime_dir}: {present}): not relaunchd's kexec, nothing to do", 6)
+        return 0
     ident = str(marker.get("id", ""))
     staged = _read_json(os.path.join(runtime_dir, STAGED)) or {}
     sysroot = SysRoot(root)
