@@ -17,11 +17,10 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 
-from support import ukibuild
+from .guestuki import guest_uki
 
 KEXEC_TIMEOUT = 600
 IMAGES = "/var/lib/relaunchd/images"
@@ -34,33 +33,6 @@ def staged_setup(guest, keys):
     guest.run(f"install -d -m 0755 {IMAGES} /etc/relaunchd")
     guest.put(CERT, keys["db"].cert)
     return guest
-
-
-# Runs first in the next boot's initramfs (rdinit=) and shows on the serial
-# console what the initrd relaunchd built contains under /.extra, then hands
-# over to initramfs-tools' /init. (Linux 6.1 has no /sys/firmware/initrd.)
-RDINIT = b"""#!/bin/sh
-echo "rld-extra: $(cd /.extra && echo *)"
-while read -r line; do echo "rld-osrel: $line"; done < /.extra/os-release
-exec /init "$@"
-"""
-
-
-def guest_uki(vm_image, keys, tmp_path: Path, marker: str, name: str,
-              signed: bool = True, kernel: Path | None = None) -> Path:
-    """A UKI of the guest's own kernel and initrd (plus the rdinit probe)."""
-    cmdline = f"{vm_image.cmdline} rdinit=/rld-init {marker}".encode()
-    base = vm_image.initrd.read_bytes()
-    initrd = tmp_path / f"{name}.initrd"
-    initrd.write_bytes(base + bytes(-len(base) % 4)
-                       + ukibuild.newc_cpio({"rld-init": RDINIT}))
-    spec = ukibuild.UkiSpec([
-        (".osrel", ukibuild.OS_RELEASE), (".cmdline", cmdline),
-        (".uname", vm_image.release.encode()), (".initrd", initrd),
-        (".linux", kernel or vm_image.kernel),
-    ])
-    uki = ukibuild.build_uki(spec, tmp_path / f"{name}.unsigned.efi")
-    return ukibuild.sign(uki, keys["db"], tmp_path / f"{name}.efi") if signed else uki
 
 
 def stage(guest, path: str, *extra: str, check: bool = True):
