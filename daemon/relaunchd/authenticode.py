@@ -65,8 +65,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from . import hashing, pe
+from . import hashing, pe, sigreport
 from .errors import InvalidArgument, InvalidImage
+from .sigreport import SignatureReport
 
 # WIN_CERTIFICATE constants (PE/COFF spec, "The Attribute Certificate Table").
 WIN_CERT_REVISION_2_0 = 0x0200
@@ -115,16 +116,6 @@ class Signature:
     signed_attributes: bytes | None = field(repr=False)  # DER re-tagged as SET OF, or None
     message_digest: bytes | None = field(repr=False)
     content_type_ok: bool = True    # contentType attribute (if present) names SpcIndirectData
-
-
-@dataclass(frozen=True)
-class SignatureReport:
-    signed: bool
-    signers: list[str]              # signer subject per signature, table order
-    digest_ok: list[bool]           # image digest matches, per signature
-    verified: bool                  # some signature verifies and chains to a trusted cert
-    verified_by: str | None         # subject of the first signer that verified
-    reasons: list[str]              # why each failing signature failed
 
 
 class SignatureSummary(NamedTuple):
@@ -468,8 +459,7 @@ def verify(signatures: Sequence[Signature], digests: dict[str, bytes],
     """Verify every signature; the image verifies if any one does (as sbverify,
     which loops over all signatures of the table)."""
     if not signatures:
-        return SignatureReport(signed=False, signers=[], digest_ok=[], verified=False,
-                               verified_by=None, reasons=["image is not signed"])
+        return sigreport.unsigned()
     anchors = list(trusted)
     digest_ok: list[bool] = []
     reasons: list[str] = []

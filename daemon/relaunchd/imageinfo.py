@@ -14,12 +14,16 @@ import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from . import hashing, measure, pe
+from . import hashing, measure, pe, sigreport
 from .errors import InvalidImage
 from .pe import PeSection
 from .uki import StubVersion, UkiImage
+
+
+class _Abandoned(Exception):
+    """Stops the hash pass when the image was refused while it ran."""
+
 
 # Authenticode algorithms we can compute; others are reported, not verified.
 _DIGEST_ALGORITHMS = {"sha1", "sha256", "sha384", "sha512"}
@@ -48,13 +52,14 @@ class ImageReport:
     sbat: list[list[str]]
     profiles: list[dict[str, str]]
     stub_version: StubVersion | None
-    signature: Any  # authenticode.SignatureReport (imported lazily)
+    signature: sigreport.SignatureReport
     prediction: measure.Pcr11Prediction
     pcrsig: list[measure.PcrSigCheck] | None
     warnings: list[str] = field(default_factory=list)
     # sha256 (and bank) hash objects per section index, after the pass: callers
     # may .copy() one to hash data that starts with that section (staging's initrd).
-    section_hashes: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    section_hashes: dict[int, dict[str, hashlib._Hash]] = field(default_factory=dict,
+                                                               repr=False)
 
     def to_json(self) -> dict:
         pred = self.prediction
@@ -157,19 +162,37 @@ def inspect_image(
 
     sinks.extend(extra_sinks or [])
     hashing_error: list[BaseException] = []
+    abandon = threading.Event()
+
+    def on_progress(done: int, total: int) -> None:
+        if abandon.is_set():
+            raise _Abandoned
+        if progress:
+            progress(done, total)
 
     def run_hashes() -> None:
         try:
-            hashing.feed(image.fd, sinks, progress=progress)
+            hashing.feed(image.fd, sinks, progress=on_progress)
         except BaseException as exc:  # re-raised in the caller's thread
             hashing_error.append(exc)
 
+    # Every range was bounds-checked by our own header parse, so hashing can start
+    # before pefile's cross-check and the crypto imports, which run meanwhile on
+    # this thread (hashlib releases the GIL): they cost as much as hashing a
+    # quarter of a 100 MB image.
     worker = threading.Thread(target=run_hashes, name="relaunchd-hash", daemon=True)
     worker.start()
+    signed = bool(image.headers.cert_table_size)
     try:
-        from . import authenticode
+        image.confirm_headers()
+        signatures = []
+        if signed:
+            from . import authenticode
 
-        signatures = authenticode.read_signatures(image.fd, image.headers)
+            signatures = authenticode.read_signatures(image.fd, image.headers)
+    except BaseException:
+        abandon.set()
+        raise
     finally:
         worker.join()
     if hashing_error:
@@ -181,6 +204,9 @@ def inspect_image(
     extra = {s.digest_algorithm for s in signatures} & _DIGEST_ALGORITHMS - set(digests)
     if extra:
         digests.update(authenticode.compute_digests(image.fd, image.headers, extra))
+    # An unsigned image is judged without cryptography (sigreport keeps that import away).
+    signature = (authenticode.verify(signatures, digests, trusted or []) if signed
+                 else sigreport.unsigned())
 
     sections = [
         SectionInfo(name=s.name, index=s.index, offset=s.raw_offset, size=s.virtual_size,
@@ -194,8 +220,6 @@ def inspect_image(
          for name in measured],
         banks, phases)
     prediction.not_measured = not_measured
-
-    signature = authenticode.verify(signatures, digests, trusted or [])
 
     pcrsig = None
     if ".pcrsig" in resolved.sections:

@@ -141,7 +141,8 @@ def prepare(path: str, options: StageOptions,
     try:
         image_blob = _sealed_image(path, options)
         opened.append(image_blob)
-        with uki.from_fd(image_blob.fd, path) as image:
+        # The pefile cross-check runs inside inspect_image, overlapped with hashing.
+        with uki.from_fd(image_blob.fd, path, confirm=False) as image:
             resolved = image.resolve(options.profile)
             kernel_range, cmdline_limit = _kernel_range(image, resolved, path)
             parts = initrd.plan(image, resolved)
@@ -250,7 +251,9 @@ def _lockdown(root: SysRoot) -> str | None:
 
 def _sealed_image(path: str, options: StageOptions) -> Blob:
     sealed.check_location(path, options.policy)
-    with uki.open_image(path, follow_symlinks=options.policy.follow_symlinks) as original:
+    # Only to refuse a non-UKI before copying it; the sealed copy is what gets checked.
+    with uki.open_image(path, follow_symlinks=options.policy.follow_symlinks,
+                        confirm=False) as original:
         fd = sealed.sealed_copy(original.fd, os.path.basename(path), original.size)
     return Blob("image", fd, os.fstat(fd).st_size, "")
 

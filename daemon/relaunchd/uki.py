@@ -55,11 +55,13 @@ class ResolvedImage:
 class UkiImage:
     """An open UKI: its descriptor, PE headers and the views built from them."""
 
-    def __init__(self, fd: int, path: str, headers: pe.PeHeaders, owns_fd: bool):
+    def __init__(self, fd: int, path: str, headers: pe.PeHeaders, owns_fd: bool,
+                 confirmed: bool = True):
         self.fd = fd
         self.path = path
         self.headers = headers
         self._owns_fd = owns_fd
+        self._confirmed = confirmed
         self.range = pe.FileRange(fd, 0, headers.file_size)
         self.base, self.profiles = _slice_profiles(headers.sections)
 
@@ -78,6 +80,17 @@ class UkiImage:
     @property
     def size(self) -> int:
         return self.headers.file_size
+
+    def confirm_headers(self) -> None:
+        """The pefile cross-check of the headers, if `open_image`/`from_fd` was told to
+        leave it for later (pe.confirm_with_pefile); idempotent."""
+        if self._confirmed:
+            return
+        try:
+            pe.confirm_with_pefile(self.range, self.headers)
+        except InvalidImage as exc:
+            raise InvalidImage(f"{self.path}: {exc}") from None
+        self._confirmed = True
 
     # -- section lookup
     def resolve(self, profile: int | None = None) -> ResolvedImage:
@@ -213,9 +226,12 @@ def open_image(
     *,
     follow_symlinks: bool = False,
     machine: int | None = None,
+    confirm: bool = True,
 ) -> UkiImage:
     """Open a UKI file safely: regular files only, no symlinks unless asked,
-    never blocking on a FIFO, never opening a device."""
+    never blocking on a FIFO, never opening a device. `confirm=False` defers the
+    pefile cross-check to `UkiImage.confirm_headers()` (inspect_image runs it while
+    it hashes)."""
     try:
         st = os.stat(path, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
@@ -237,18 +253,18 @@ def open_image(
     try:
         # Re-check on the descriptor: the path may have been swapped meanwhile.
         _require_regular(path, os.fstat(fd).st_mode)
-        return from_fd(fd, path, machine=machine, owns_fd=True)
+        return from_fd(fd, path, machine=machine, owns_fd=True, confirm=confirm)
     except BaseException:
         os.close(fd)
         raise
 
 
 def from_fd(fd: int, path: str, *, machine: int | None = None,
-            owns_fd: bool = False) -> UkiImage:
+            owns_fd: bool = False, confirm: bool = True) -> UkiImage:
     """Parse a UKI from an already-open descriptor (e.g. a sealed memfd)."""
     size = os.fstat(fd).st_size
     try:
-        headers = pe.parse_headers(pe.FileRange(fd, 0, size))
+        headers = pe.parse_headers(pe.FileRange(fd, 0, size), confirm=confirm)
     except InvalidImage as exc:
         raise InvalidImage(f"{path}: {exc}") from None
     want = machine if machine is not None else NATIVE_MACHINE.get(os.uname().machine)
@@ -260,7 +276,7 @@ def from_fd(fd: int, path: str, *, machine: int | None = None,
     if not any(s.name == ".linux" for s in headers.sections):
         raise InvalidImage(f"{path}: not a UKI (image lacks a .linux section)")
     try:
-        return UkiImage(fd, path, headers, owns_fd)
+        return UkiImage(fd, path, headers, owns_fd, confirmed=confirm)
     except InvalidImage as exc:
         raise InvalidImage(f"{path}: {exc}") from None
 

@@ -207,3 +207,43 @@ def test_mutated_headers_never_crash(small_uki, tmp_path_factory, data):
             image.stub_version()
     except (InvalidImage, InvalidArgument):
         pass
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_deferred_pefile_check_gives_the_same_verdict(small_uki, tmp_path_factory, data):
+    """Our own header parse plus pefile's cross-check later (what inspect and staging do
+    so hashing can start first) accepts and refuses exactly what the one-step parse does."""
+    blob = bytearray(small_uki)
+    head = layout(small_uki)["table"] + 40 * layout(small_uki)["nsec"]
+    for _ in range(data.draw(st.integers(1, 6))):
+        blob[data.draw(st.integers(0, head - 1))] = data.draw(st.integers(0, 255))
+    path = write(tmp_path_factory.mktemp("defer"), blob)
+    deferred = "accepted"
+    try:
+        with open_image(str(path), confirm=False) as image:
+            image.confirm_headers()
+    except InvalidImage as exc:
+        deferred = str(exc)
+    assert deferred == _try(path)
+
+
+def test_pefile_disagreeing_is_refused(small_uki, tmp_path, monkeypatch):
+    """Two parsers reading one header differently is a crafted header: refused, naming
+    the field, both when parsing at once and when inspect_image confirms later."""
+    import pefile
+
+    from relaunchd import imageinfo
+
+    class Skewed(pefile.PE):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.OPTIONAL_HEADER.SizeOfImage += 0x1000
+
+    path = write(tmp_path, small_uki)
+    monkeypatch.setattr(pefile, "PE", Skewed)
+    message = reject(path, "read differently by pefile: SizeOfImage")
+    assert "SizeOfImage" in message
+    with open_image(str(path), confirm=False) as image, pytest.raises(InvalidImage) as info:
+        imageinfo.inspect_image(image, banks=("sha256",))
+    assert "read differently by pefile" in str(info.value)

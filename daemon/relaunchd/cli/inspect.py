@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.images:
         try:
-            with open_image(path, follow_symlinks=args.follow_symlinks) as image:
+            # confirm=False: inspect_image runs pefile's cross-check while it hashes.
+            with open_image(path, follow_symlinks=args.follow_symlinks,
+                            confirm=False) as image:
                 report = inspect_image(image, profile=args.profile, banks=banks,
                                        trusted=trusted,
                                        progress=progress_printer(f"hashing {path}"))
