@@ -62,3 +62,28 @@ def test_base_offset():
         hashing.feed(f.fileno(), [hashing.Sink(h, [(0, 5)])], base=4)
         assert h.hexdigest() == hashlib.sha1(b"hello").hexdigest()
         os.lseek(f.fileno(), 0, 0)
+
+
+def test_a_file_that_shrinks_mid_pass_is_an_error_not_sigbus():
+    """Ranges were checked against the size at open; a writer truncating the file while
+    the pass runs must give an OSError (InvalidImage upstream), never a SIGBUS."""
+    old = hashing.CHUNK
+    hashing.CHUNK = 1 << 16
+    try:
+        with tempfile.TemporaryFile() as f:
+            f.write(os.urandom(1 << 20))
+            f.flush()
+            h = hashlib.sha256()
+
+            def shrink(done: int, total: int) -> None:
+                if done >= 1 << 17:
+                    os.ftruncate(f.fileno(), 1 << 18)
+
+            try:
+                hashing.feed(f.fileno(), [hashing.Sink(h, [(0, 1 << 20)])], progress=shrink)
+            except OSError as exc:
+                assert "shrank" in str(exc)
+            else:
+                raise AssertionError("the pass went on past the end of the file")
+    finally:
+        hashing.CHUNK = old
