@@ -44,7 +44,7 @@ clean:
 
 # --- Debian package and the VM tier (docs/vm.md) ---------------------------
 # The guest image and packages are cached under $(RELAUNCHD_CACHE) by input hash.
-.PHONY: deb vm-test vm-shell
+.PHONY: deb vm-test vm-shell bench-downtime
 
 deb: setup
 	packaging/build-deb
@@ -54,3 +54,9 @@ vm-test: setup
 
 vm-shell: setup
 	PYTHONPATH=tests $(VPY) -m vm shell
+
+# Downtime of a relaunchd relaunch vs. Debian's kexec and a firmware reboot, in one
+# guest (docs/vm.md). Not part of `test` or `bench`: ~3 min per round under TCG.
+# Options: make bench-downtime DOWNTIME_ARGS="--rounds 5 --json out.json"
+bench-downtime: setup
+	$(VPY) benchmarks/downtime.py $(DOWNTIME_ARGS)
