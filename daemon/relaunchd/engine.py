@@ -868,7 +868,8 @@ def _record_for(staged: Any) -> state.StagedRecord:
         kernel_sha256=staged.kernel.sha256,
         initrd_sha256=staged.initrd.sha256 if staged.initrd is not None else None,
         cmdline=staged.cmdline.text, staged_at=state.now(),
-        predictions={"pcr11": plan.get("pcr11"), "pcr11_phases": plan.get("pcr11_phases")})
+        predictions={"pcr11": plan.get("pcr11"), "pcr11_phases": plan.get("pcr11_phases"),
+                     **({"drtm": plan["drtm"]} if plan.get("drtm") else {})})
 
 
 def _staged_json(record: state.StagedRecord | None) -> dict:

@@ -134,8 +134,10 @@ def parse(data: bytes) -> list[Record]:
     return list(parse_log(data).records)
 
 
-def parse_log(data: bytes) -> EventLog:
-    """Strict parse: every length is bounded by the buffer; any leftover byte is an error."""
+def parse_log(data: bytes, *, zero_tail: bool = False) -> EventLog:
+    """Strict parse: every length is bounded by the buffer; any leftover byte is an error.
+    `zero_tail`: the log sits in a fixed-size buffer (the DRTM log) whose unused end is
+    zeros; an all-zero remainder ends the log instead of being an error."""
     view = memoryview(bytes(data))
     if len(view) < _HEADER_EVENT.size:
         raise InvalidEventLog("too short for the Spec ID header event")
@@ -149,6 +151,8 @@ def parse_log(data: bytes) -> EventLog:
     sizes = dict(algorithms)
     records: list[Record] = []
     while pos < len(view):
+        if zero_tail and not any(view[pos:]):
+            break
         where = f"event {len(records) + 1} at offset {pos}"
         pcr, etype, count = _unpack(_EVENT2_HEAD, view, pos, where)
         pos += _EVENT2_HEAD.size

@@ -28,6 +28,7 @@ LINUX_REBOOT_CMD_KEXEC = 0x45584543      # include/uapi/linux/reboot.h
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 CMDLINE = "/proc/cmdline"
 SLAUNCH_DIR = "/sys/kernel/security/slaunch"   # Secure Launch's securityfs (drtm.md §3.4)
+DRTM_LOG_LIMIT = 1 << 20    # the loader reserves 64 KiB (segment_loader.LOG_SIZE)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class BootFacts:
     now: float                      # epoch seconds when the facts were read
     slaunch: bool                   # Secure Launch's securityfs directory exists
     drtm_pcrs: dict[str, Any]       # {"bank", "values", "reset_state"} or {"error": ...}
+    drtm_log: bytes | None = None   # securityfs slaunch/eventlog (DRTM methods only)
+    drtm_log_error: str | None = None
 
 
 class Platform:
@@ -159,8 +162,15 @@ class Platform:
         except (ImportError, OSError):
             started = None
         pcrs: dict[str, Any] = {}
+        drtm_log = drtm_log_error = None
         if drtm:
             from . import tpm
+
+            log_read = self.root.read_bytes(tpm.DRTM_LOG, limit=DRTM_LOG_LIMIT)
+            if log_read.ok and log_read.value is not None:
+                drtm_log = log_read.value
+            else:
+                drtm_log_error = f"{tpm.DRTM_LOG}: {log_read.error} ({log_read.detail})"
 
             read = tpm.read_drtm_pcrs(tcti) if tcti else None
             if read is not None and read.ok and read.value is not None:
@@ -172,7 +182,8 @@ class Platform:
             boot_id=boot_id.value.strip() if boot_id.ok and boot_id.value else None,
             cmdline=cmdline.value if cmdline.ok else None,
             kernel_started=started, now=time.time(),
-            slaunch=os.path.isdir(self.root.host_path(SLAUNCH_DIR)), drtm_pcrs=pcrs)
+            slaunch=os.path.isdir(self.root.host_path(SLAUNCH_DIR)), drtm_pcrs=pcrs,
+            drtm_log=drtm_log, drtm_log_error=drtm_log_error)
 
 
 def _injected_failure() -> FailAt | None:

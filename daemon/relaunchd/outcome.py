@@ -10,8 +10,13 @@ and the relaunch is `verified` only when there are none:
   with the boot loader's command line);
 - when measured: the TPM was not reset in between (a kexec keeps the TPM's reset
   counter, a firmware reboot increments it) and relaunchd's log replays to the PCR;
-- with a DRTM method: Secure Launch's securityfs is there and PCRs 17/18 left their
-  reset state (drtm.md §3.4, §4.1).
+- with a DRTM method: Secure Launch's securityfs is there, PCRs 17/18 left their
+  reset state (drtm.md §3.4, §4.1), the DRTM event log replays to PCRs 17 and 18, and
+  the events relaunchd's SLRT policy predicted at staging (kernel, initrd, command
+  line, INTEL_INFO into the sealing PCR; docs/slrt-policy.md) are in it with the
+  predicted digests, in order. SINIT's own events and MLE_HASH are not predicted
+  (drtm.md §4.5: they need a log of an earlier launch on the same machine), so the
+  proof of the whole PCR 17 value is the replay, not a precomputed number.
 
 Downtime is the hand-off to the moment the facts were read (this daemon starting);
 the kernel's start time (whole seconds, from /proc/stat btime) splits it into
@@ -23,11 +28,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import eventlog
+from .errors import InvalidEventLog
 from .host import BootFacts
 from .measured import Verdict
 from .state import PendingRecord, now
 
 DRTM_METHODS = ("txt", "skinit")
+DRTM_PCRS = (17, 18)
+SL_EVTYPE_SECURE_LAUNCH = 0x502     # drtm.md §4.3 (slrt.SL_EVTYPE_SECURE_LAUNCH)
 
 
 def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: Verdict | None,
@@ -68,7 +77,10 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: Verdict | Non
             mismatches.append(f"PCRs 17/18 unreadable: {pcrs['error']}")
         elif pcrs.get("reset_state", True):
             mismatches.append("PCRs 17/18 are in their reset state: no dynamic launch")
-        drtm = facts.slaunch and not pcrs.get("reset_state", True) and "error" not in pcrs
+        log_problems, drtm_log = check_drtm_log(pending.predictions.get("drtm"), facts)
+        mismatches.extend(log_problems)
+        drtm = (facts.slaunch and not pcrs.get("reset_state", True) and "error" not in pcrs
+                and not log_problems)
 
     handed_off = float(pending.handoff_at) if pending.handoff_at else None
     downtime_ms = phases = None
@@ -78,7 +90,7 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: Verdict | Non
             phases = {"down_ms": round((facts.kernel_started - handed_off) * 1000),
                       "up_ms": round((facts.now - facts.kernel_started) * 1000)}
 
-    return {
+    result = {
         "id": pending.id,
         "image": pending.path,
         "method": pending.method,
@@ -100,3 +112,69 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: Verdict | Non
         "downtime_ms": downtime_ms,
         "phases": phases or {},
     }
+    if drtm_method:
+        result["drtm_log"] = drtm_log
+    return result
+
+
+def check_drtm_log(prediction: dict[str, Any] | None, facts: BootFacts
+                   ) -> tuple[list[str], dict[str, Any]]:
+    """Mismatches of the DRTM event log against the TPM and against the prediction, and
+    a summary for LastRelaunch."""
+    summary: dict[str, Any] = {"events": 0, "replays": False, "predicted": 0, "matched": 0}
+    if facts.drtm_log is None:
+        return [f"the DRTM event log is unreadable: {facts.drtm_log_error or 'absent'}"], \
+            summary
+    try:
+        records = eventlog.parse_log(facts.drtm_log, zero_tail=True).records
+    except InvalidEventLog as exc:
+        return [f"the DRTM event log is malformed: {exc}"], summary
+    summary["events"] = len(records)
+    problems: list[str] = []
+    pcrs = facts.drtm_pcrs
+    bank, values = pcrs.get("bank"), pcrs.get("values") or {}
+    if bank and values:
+        for pcr in DRTM_PCRS:
+            tpm_value = values.get(pcr, values.get(str(pcr)))
+            try:
+                logged = eventlog.replay(records, bank, pcr).hex()
+            except (InvalidEventLog, ValueError) as exc:
+                problems.append(f"the DRTM event log cannot be replayed for PCR {pcr}: {exc}")
+                continue
+            if tpm_value is not None and logged != tpm_value:
+                problems.append(f"the DRTM event log does not replay to PCR {pcr} {bank}: the "
+                                f"log gives {logged}, the TPM has {tpm_value}")
+        summary["replays"] = not problems
+    if not prediction:
+        problems.append("no DRTM prediction was recorded at staging (not staged with the "
+                        "segment loader?)")
+        return problems, summary
+    expected = prediction.get("events") or []
+    summary["predicted"] = len(expected)
+    logged_events = [r for r in records if r.event_type == SL_EVTYPE_SECURE_LAUNCH]
+    cursor = 0
+    for event in expected:
+        pcr, label = int(event["pcr"]), str(event["label"])
+        found = None
+        while cursor < len(logged_events):
+            candidate = logged_events[cursor]
+            cursor += 1
+            if candidate.pcr == pcr and candidate.data.rstrip(b"\0").decode(
+                    "utf-8", "replace") == label:
+                found = candidate
+                break
+        if found is None:
+            problems.append(f"DRTM event {label!r} (PCR {pcr}) is not in the log where the "
+                            "SLRT policy puts it")
+            cursor = 0      # keep looking for the others from the start
+            continue
+        before = len(problems)
+        for digest_bank, want in (event.get("digests") or {}).items():
+            got = found.digest(digest_bank)
+            if got is None:
+                problems.append(f"DRTM event {label!r} has no {digest_bank} digest in the log")
+            elif got.hex() != want:
+                problems.append(f"DRTM event {label!r} (PCR {pcr}) {digest_bank} is {got.hex()}, "
+                                f"predicted {want}")
+        summary["matched"] += len(problems) == before
+    return problems, summary

@@ -96,6 +96,8 @@ class StagedImage:
     loader: str = "file"
     segment_plan: Any = None             # segments.SegmentPlan for the segment loader
     slrt: bytes | None = None
+    drtm_seal_pcr: int | None = None     # segment loader: the SLRT policy's sealing PCR
+    drtm_events: list = field(default_factory=list)   # slrt.PredictedEvent, policy order
 
     def close(self) -> None:
         for blob in (self.image, self.kernel, self.initrd):
@@ -124,6 +126,10 @@ class StagedImage:
             "slrt": ({"address": self.segment_plan.slrt_address, "size": len(self.slrt),
                       "sha256": hashlib.sha256(self.slrt).hexdigest()}
                      if self.slrt is not None else None),
+            "drtm": ({"seal_pcr": self.drtm_seal_pcr, "events": [
+                {"pcr": e.pcr, "label": e.label, "event_type": e.event_type,
+                 "digests": {bank: value.hex() for bank, value in e.digests.items()}}
+                for e in self.drtm_events]} if self.drtm_seal_pcr is not None else None),
             "notes": self.notes + self.cmdline.notes,
         }
 
@@ -196,10 +202,18 @@ def prepare(path: str, options: StageOptions,
         if staged.loader == "segments":
             from .launch import segment_loader
 
-            staged.segment_plan, staged.slrt = segment_loader.plan(
+            staged.segment_plan, content = segment_loader.plan(
                 FileRange(kernel.fd, 0, kernel.size),
                 FileRange(initrd_blob.fd, 0, initrd_blob.size) if initrd_blob else None,
                 line.nul_terminated, options.root, inputs)
+            staged.slrt = content.table
+            # What a Secure Launch kernel will extend into the sealing PCR, from our
+            # own SLRT policy; the next boot checks the DRTM log against it.
+            staged.drtm_seal_pcr = content.seal_pcr
+            staged.drtm_events = segment_loader.predicted_events(
+                content, cmdline=line.nul_terminated,
+                initrd_digests={"sha256": bytes.fromhex(initrd_blob.sha256)}
+                if initrd_blob else None)
             if inputs.dce is None:
                 staged.notes.append(
                     "hand-off rehearsal: no DCE/DL handler, so the SLRT carries no dynamic "
@@ -239,7 +253,33 @@ def _launch_inputs(options: StageOptions):
         dce = f.read()
     with open(options.dl_handler, "rb") as f:
         handler = f.read()
-    return segment_loader.SegmentInputs(dce=dce, dl_handler=handler)
+    return segment_loader.SegmentInputs(dce=dce, dl_handler=handler,
+                                        intel_info=_intel_info(options.root, report))
+
+
+def _intel_info(root: SysRoot, report):
+    """INTEL_INFO as the DL handler will find the CPU: IA32_MISC_ENABLE, MTRRdefType and
+    the variable MTRRs from /dev/cpu/0/msr, the TXT heap base from the TXT registers
+    (drtm.md §1.4). The kernel compares them after the launch, so guessing is no
+    option: unreadable → NotReady."""
+    from . import slrt
+    from .probe import MSR_DEV
+
+    def rdmsr(index: int) -> int:
+        read = root.read_at(MSR_DEV, index, 8)
+        if not read.ok or read.value is None:
+            raise NotReady(f"cannot read MSR {index:#x} from {MSR_DEV} ({read.error}: "
+                           f"{read.detail}); `modprobe msr` and run as root")
+        return int.from_bytes(read.value, "little")
+
+    registers = report.facts.get("txt.registers")     # decoded, hex strings (txt.decode)
+    value = registers.value if registers is not None and registers.ok else None
+    heap = int(value["heap_base"], 16) if isinstance(value, dict) and value.get(
+        "heap_base") else 0
+    if not heap:
+        raise NotReady("the TXT heap base is unknown (TXT registers unreadable or zero); "
+                       "see `relaunchctl check --method txt`")
+    return slrt.intel_info_from_msrs(rdmsr, txt_heap=heap)
 
 
 def _lockdown(root: SysRoot) -> str | None:

@@ -243,6 +243,23 @@ def test_segment_loader_dry_run(image_dir, keys, tmp_path):
         os.close(fd)
     assert seg["kernel"]["memsz"] >= header.init_size
     assert any("rehearsal" in n for n in plan["notes"])
+    # The DRTM prediction: what a Secure Launch kernel extends into the sealing PCR per
+    # our SLRT policy, recomputed here from the written artefacts and the parsed table.
+    info = next(e for e in table.entries if type(e).__name__ == "IntelInfo")
+    sha = lambda data: hashlib.sha256(data).hexdigest()  # noqa: E731
+    text = (out / "cmdline").read_bytes().rstrip(b"\0")
+    assert plan["drtm"]["seal_pcr"] == 17
+    assert [(e["pcr"], e["label"], e["event_type"], e["digests"]) for e in
+            plan["drtm"]["events"]] == [
+        (17, "Measured Kernel initrd", 0x502, {"sha256": sha((out / "initrd").read_bytes())}),
+        (17, "Measured Kernel command line", 0x502, {"sha256": sha(text + b"\0")}),
+        (17, "Measured SLR Table", 0x502,
+         {"sha256": sha(slrt.intel_info_measured_bytes(info))}),
+    ]
+    # INTEL_INFO is measured with boot_params_addr and txt_heap zeroed, so the digest is
+    # that of 560 bytes whose address fields are zero.
+    measured = slrt.intel_info_measured_bytes(info)
+    assert len(measured) == 560 and info.boot_params_addr == seg["zero-page"]["address"]
 
 
 def test_segment_loader_refused_under_lockdown(image_dir, keys):
@@ -271,3 +288,41 @@ def test_linux_that_is_not_a_bzimage_is_refused(image_dir, keys):
     with pytest.raises(InvalidImage, match="not a usable x86 bzImage"):
         staging.prepare(str(fake), options(image_dir, keys, allow_unsigned=True, trusted=[]))
     assert open_fds() == before
+
+
+def test_txt_intel_info_comes_from_the_msrs_and_the_txt_heap(tmp_path):
+    """INTEL_INFO for a TXT launch is read from /dev/cpu/0/msr and TXT.HEAP.BASE (the
+    intel-txt-server fixture), never guessed; an unreadable MSR is NotReady. The MSR
+    device takes the MSR number as the file offset, which a plain fixture file cannot
+    model for consecutive MSRs (their 8-byte values would overlap), so the MSRs come
+    from a reader over a table here."""
+    from fixtures.platforms.build import materialize
+    from relaunchd import probe, slrt
+    from relaunchd.sysfs import Read, SysRoot
+
+    root = materialize("intel-txt-server", tmp_path)
+    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    # Intel SDM vol. 3A §11.11: MTRRcap VCNT=2, MISC_ENABLE, MTRRdefType E=1 FE=1 WB,
+    # 0-2 GiB WB and 2-3 GiB UC for 39 physical address bits.
+    msrs = {0xFE: 0x502, 0x1A0: 0x851889, 0x2FF: 0xC06, 0x200: 0x6, 0x201: 0x7F80000800,
+            0x202: 0x80000000, 0x203: 0x7FC0000800}
+
+    class MsrRoot(SysRoot):
+        def read_at(self, path, offset, size):
+            if path == probe.MSR_DEV and offset in msrs and size == 8:
+                return Read(path, msrs[offset].to_bytes(8, "little"))
+            if path == probe.MSR_DEV:
+                return Read(path, error="unreadable", detail="Input/output error")
+            return super().read_at(path, offset, size)
+
+    info = staging._intel_info(MsrRoot(str(root)), report)
+    assert info.txt_heap == 0x7A380000          # TXT.HEAP.BASE in the fixture's /dev/mem
+    assert info.saved_misc_enable == 0x851889 and info.default_mem_type == 0xC06
+    assert info.variable_mtrrs == (slrt.MtrrPair(0x6, 0x7F80000800),
+                                   slrt.MtrrPair(0x80000000, 0x7FC0000800))
+    del msrs[0x202]                             # one variable MTRR cannot be read
+    with pytest.raises(NotReady, match=r"cannot read MSR 0x202"):
+        staging._intel_info(MsrRoot(str(root)), report)
+    # The real fixture file holds only IA32_FEATURE_CONTROL: MTRRcap is a short read.
+    with pytest.raises(NotReady, match=r"cannot read MSR 0xfe"):
+        staging._intel_info(SysRoot(str(root)), report)

@@ -1084,3 +1084,52 @@ def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
         platform.handoff("systemd")
     with pytest.raises(InvalidArgument):
         platform.handoff("reboot")
+
+
+def test_a_drtm_relaunch_is_proven_against_the_drtm_log(env):
+    """A txt relaunch: the pending record carries the SLRT-policy prediction, the new
+    boot's facts the DRTM log and PCRs 17/18 (tests/unit/test_outcome_drtm.py builds
+    them); the engine asks the platform for DRTM facts and publishes the verdict."""
+    from support.drtmlog import launch_log, prediction
+
+    relaunched(env, method="txt", loader="segments", predictions={"drtm": prediction()})
+    log, values = launch_log()
+    env.platform.facts = dataclasses.replace(
+        env.platform.facts, slaunch=True, drtm_log=log,
+        drtm_pcrs={"bank": "sha256", "values": values, "reset_state": False})
+    last = env.engine().last_relaunch
+    assert last["mismatches"] == [] and last["verified"] is True
+    assert last["drtm"] is True and last["drtm_log"]["matched"] == 3
+
+
+def test_a_drtm_log_with_a_changed_event_is_not_verified(env):
+    from support.drtmlog import launch_log, prediction
+
+    relaunched(env, method="txt", loader="segments", predictions={"drtm": prediction()})
+    log, values = launch_log()
+    tampered = bytearray(log)
+    at = tampered.find(b"Measured Kernel command line") - 4 - 32   # its sha256 digest
+    tampered[at] ^= 1
+    env.platform.facts = dataclasses.replace(
+        env.platform.facts, slaunch=True, drtm_log=bytes(tampered),
+        drtm_pcrs={"bank": "sha256", "values": values, "reset_state": False})
+    last = env.engine().last_relaunch
+    assert last["verified"] is False and last["drtm"] is False
+    assert any("does not replay to PCR 17" in m for m in last["mismatches"])
+    assert any("'Measured Kernel command line' (PCR 17) sha256" in m
+               for m in last["mismatches"])
+
+
+def test_the_staged_record_keeps_the_drtm_prediction():
+    from relaunchd.engine import _record_for
+
+    class Staged(FakeStaged):
+        def plan(self) -> dict:
+            return {**super().plan(), "drtm": prediction_json}
+
+    prediction_json = {"seal_pcr": 17, "events": [{"pcr": 17, "label": "x",
+                                                  "event_type": 0x502, "digests": {}}]}
+    record = _record_for(Staged("r-9", "/boot/x.efi", "txt", "segments"))
+    assert record.predictions["drtm"] == prediction_json
+    assert "drtm" not in _record_for(FakeStaged("r-8", "/boot/y.efi", "kexec",
+                                                "file")).predictions

@@ -16,6 +16,7 @@ is not itself a Secure Launch kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -40,10 +41,21 @@ class SegmentInputs:
     layout: int = slrt.LAYOUT_V16
 
 
+@dataclass(frozen=True)
+class SlrtContent:
+    """The SLRT as placed, and the parts of it a PCR prediction needs."""
+
+    table: bytes
+    policy: slrt.EntryPolicy
+    intel_info: slrt.IntelInfo | None     # None on AMD
+    seal_pcr: int
+    layout: int
+
+
 def plan(kernel: FileRange, initrd: FileRange | None, cmdline: bytes, root: SysRoot,
-         inputs: SegmentInputs) -> tuple[segments.SegmentPlan, bytes]:
+         inputs: SegmentInputs) -> tuple[segments.SegmentPlan, SlrtContent]:
     """Place every segment and build the zero page and SLRT; returns the plan
-    and the SLRT bytes as placed."""
+    and the SLRT as placed."""
     if (inputs.dce is None) != (inputs.dl_handler is None):
         raise NotReady("a DRTM launch needs both the DCE (SINIT ACM) and the DL handler")
     mem = memmap.read_memmap(root)
@@ -55,7 +67,7 @@ def plan(kernel: FileRange, initrd: FileRange | None, cmdline: bytes, root: SysR
         extras.append(segments.Blob(name="dl-handler", data=inputs.dl_handler or b"",
                                     align=4096))
     measured_cmdline = slrt.measured_cmdline(cmdline)
-    built: dict[str, bytes] = {}
+    built: dict[str, SlrtContent] = {}
 
     def build_slrt(addresses) -> bytes:
         kernel_base, kernel_size = addresses[segments.KERNEL]
@@ -78,19 +90,39 @@ def plan(kernel: FileRange, initrd: FileRange | None, cmdline: bytes, root: SysR
             slrt.LogInfo(addr=log_addr, size=log_size),
             policy,
         ]
+        intel_info = None
         if inputs.architecture == slrt.ARCH_INTEL_TXT:
-            entries.append(inputs.intel_info or slrt.IntelInfo(
-                txt_heap=0, saved_misc_enable=0, default_mem_type=0,
-                boot_params_addr=addresses[segments.ZERO_PAGE][0]))
+            # The saved MSRs (or zeros in a rehearsal) and where the zero page went.
+            intel_info = dataclasses.replace(
+                inputs.intel_info or slrt.IntelInfo(txt_heap=0, saved_misc_enable=0,
+                                                    default_mem_type=0),
+                # v10-v14 INTEL_INFO has no boot_params_addr (it is in OS2MLE there).
+                boot_params_addr=addresses[segments.ZERO_PAGE][0] if inputs.layout >= 15 else 0)
+            entries.append(intel_info)
         table = slrt.Table(architecture=inputs.architecture, entries=tuple(entries))
-        built["slrt"] = slrt.build(table, layout=inputs.layout)
-        return built["slrt"]
+        built["slrt"] = SlrtContent(slrt.build(table, layout=inputs.layout), policy,
+                                    intel_info, inputs.seal_pcr, inputs.layout)
+        return built["slrt"].table
 
     builder = segments.SlrtBuilder(size=slrt.DEFAULT_MAX_SIZE, build=build_slrt)
     result = segments.plan_segments(kernel, cmdline=measured_cmdline, memmap=mem,
                                     initrd=initrd, slrt=builder, extras=extras,
                                     facts=segments.BootFacts(acpi_rsdp=acpi_rsdp(root)))
     return result, built["slrt"]
+
+
+def predicted_events(content: SlrtContent, *, cmdline: bytes,
+                     initrd_digests: dict[str, bytes] | None,
+                     banks: tuple[str, ...] = ("sha256",)) -> list[slrt.PredictedEvent]:
+    """The SL_EVTYPE_SECURE_LAUNCH events a Secure Launch kernel will extend into the
+    sealing PCR for this SLRT (docs/slrt-policy.md "Predictions"); [] on AMD, whose
+    SKL path relaunchd does not build yet."""
+    if content.intel_info is None:
+        return []
+    return slrt.sealed_events(content.policy, seal_pcr=content.seal_pcr,
+                              intel_info=content.intel_info, cmdline=cmdline,
+                              initrd_digests=initrd_digests, banks=banks,
+                              layout=content.layout)
 
 
 def acpi_rsdp(root: SysRoot) -> int:
