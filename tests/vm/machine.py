@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .image import GuestImage
+from .uefi import fat_image
 
 QEMU = "qemu-system-x86_64"
 AGENT_PORT = "org.relaunchd.agent"
@@ -201,8 +202,8 @@ class Machine:
             shutil.copyfile(OVMF_VARS, variables)
             cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                     "-drive", f"if=pflash,format=raw,unit=1,file={variables}",
-                    # QEMU's virtual FAT of a host directory: no mkfs, no mount.
-                    "-drive", f"file=fat:ro:{s.esp},format=raw,if=virtio,readonly=on"]
+                    "-drive", f"file={fat_image(s.esp, self.runtime / 'esp.img')},"
+                              "format=raw,if=virtio,readonly=on"]
         else:
             cmd += ["-kernel", str(img.kernel), "-initrd", str(img.initrd),
                     "-append", f"{img.cmdline} {s.append}".strip()]
