@@ -46,7 +46,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from support import benchutil, ukibuild  # noqa: E402
+from vm import guestsetup  # noqa: E402
 from vm.deb import build_deb  # noqa: E402
+from vm.guestsetup import BUS, IMAGES, rng_address  # noqa: E402
 from vm.guestuki import guest_uki  # noqa: E402
 from vm.image import GuestImage, guest_image, make_data_disk  # noqa: E402
 from vm.machine import OVMF_CODE, OVMF_VARS, Boot, GuestError, Machine, MachineSpec  # noqa: E402
@@ -58,29 +60,11 @@ BOOT_TIMEOUT = 600
 TRANSITION_TIMEOUT = 600
 STAGE_TIMEOUT = 300
 
-IMAGES = "/var/lib/relaunchd/images"
 UKI = f"{IMAGES}/bench.efi"
 CERT = "/etc/relaunchd/bench-db.pem"
-PROM = "/var/lib/prometheus/node-exporter/relaunchd.prom"
-BUS = "org.relaunchd.Relaunch1 /org/relaunchd/Relaunch1 org.relaunchd.Relaunch1.Manager"
 KEXEC_LAST = "kexec_core: Starting new kernel"
 REBOOT_LAST = "reboot: Restarting system"
 NEW_KERNEL = "Linux version"
-
-# The update tool (as in test_service_relaunch.py): stage over D-Bus, wait for "staged".
-UPDATE_TOOL = f"""#!/bin/sh
-set -eu
-B="{BUS}"
-id=$(busctl call $B Stage 'sa{{sv}}' "$1" 0 | cut -d'"' -f2)
-for _ in $(seq 1200); do
-    st=$(busctl get-property $B State | cut -d'"' -f2)
-    [ "$st" = staged ] && {{ echo "$id"; exit 0; }}
-    [ "$st" = failed ] && {{ busctl get-property $B LastError >&2; exit 1; }}
-    sleep 0.25
-done
-echo "not staged in time (state $st)" >&2
-exit 1
-""".encode()
 
 # The timed Relaunch call. It runs as a transient unit without default dependencies:
 # the kexec job stops the agent's unit at once (Conflicts=shutdown.target), which
@@ -181,36 +165,12 @@ def record_phases(guest: Machine, boot: Boot, last_line: str, tr: Transition) ->
         tr.figures["without_userspace"] = boot.seconds - tr.figures["userspace"]
 
 
-def rng_address(guest: Machine) -> str:
-    """The virtio-rng PCI function (vendor 1af4, device 1005 legacy / 1044 modern)."""
-    found = guest.run("for d in /sys/bus/pci/devices/*; do "
-                      "case $(cat $d/vendor):$(cat $d/device) in "
-                      "0x1af4:0x1005|0x1af4:0x1044) basename $d;; esac; done").output.split()
-    if len(found) != 1:
-        raise GuestError(f"expected one virtio-rng PCI function, found {found}")
-    return found[0]
-
-
 def configure(guest: Machine, cert: Path) -> str:
     """relaunchd as test_service_relaunch.py's `service` fixture sets it up."""
     rng = rng_address(guest)
-    guest.run(f"install -d -m 0755 {IMAGES} /etc/relaunchd {Path(PROM).parent}")
-    guest.put(CERT, cert)
-    guest.put("/usr/local/sbin/rld-update", UPDATE_TOOL, mode=0o755)
+    guestsetup.configure(guest, cert=cert, cert_path=CERT, written_by="benchmarks/downtime.py",
+                         unbind=(rng,))
     guest.put("/usr/local/sbin/rld-bench-relaunch", RELAUNCH_CALL, mode=0o755)
-    guest.put("/etc/relaunchd/relaunchd.yaml", f"""# benchmarks/downtime.py
-image_dirs: [{IMAGES}]
-trust:
-  certificates: [{CERT}]
-launch:
-  method: kexec
-quiesce:
-  offline_cpus: auto
-  unbind_devices: ["{rng}"]
-metrics:
-  textfile_path: {PROM}
-""".encode())
-    guest.run("relaunchd --check-config && systemctl restart relaunchd")
     return rng
 
 

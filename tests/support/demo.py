@@ -27,23 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support import ukibuild
 from vm.deb import build_deb
+from vm.guestsetup import IMAGES, configure
 from vm.guestuki import guest_uki
 from vm.image import guest_image, make_data_disk
 from vm.machine import Machine, MachineSpec
 
-IMAGES = "/var/lib/relaunchd/images"
 CERT = "/etc/relaunchd/demo-db.pem"
-CONFIG = f"""# written by make demo (tests/support/demo.py)
-image_dirs: [{IMAGES}]
-trust:
-  certificates: [{CERT}]
-launch:
-  method: kexec
-quiesce:
-  offline_cpus: auto
-metrics:
-  textfile_path: /var/lib/prometheus/node-exporter/relaunchd.prom
-"""
 BOOT_TIMEOUT = 600
 
 
@@ -76,12 +65,9 @@ def main() -> int:
         with Machine(MachineSpec(image, data_disk=data, no_reboot=False)) as guest:
             boot = guest.boot(timeout=BOOT_TIMEOUT)
             say(f"  guest up in {boot.seconds:.1f} s (boot id {boot.boot_id})")
-            guest.run(f"install -d -m 0755 {IMAGES} /etc/relaunchd "
-                      "/var/lib/prometheus/node-exporter")
-            guest.put(CERT, keys["db"].cert)
-            guest.put("/etc/relaunchd/relaunchd.yaml", CONFIG.encode())
+            configure(guest, cert=keys["db"].cert, cert_path=CERT,
+                      written_by="make demo (tests/support/demo.py)")
             guest.put(f"{IMAGES}/demo.efi", uki)
-            guest.run("relaunchd --check-config && systemctl restart relaunchd")
 
             show(guest, "relaunchctl check")
             show(guest, "relaunchctl status")

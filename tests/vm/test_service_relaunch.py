@@ -21,30 +21,13 @@ import pytest
 
 from relaunchd.messages import MESSAGE_IDS
 
+from .guestsetup import BUS, CONFIG, IMAGES, PROM, configure, rng_address
 from .guestuki import guest_uki
 
 KEXEC_TIMEOUT = 600
-IMAGES = "/var/lib/relaunchd/images"
 CERT = "/etc/relaunchd/test-db.pem"
-PROM = "/var/lib/prometheus/node-exporter/relaunchd.prom"
 LOG = "/var/lib/relaunchd/measurements.log"
 DROPIN = "/run/systemd/system/relaunchd.service.d/fault.conf"
-BUS = "org.relaunchd.Relaunch1 /org/relaunchd/Relaunch1 org.relaunchd.Relaunch1.Manager"
-
-# The update tool: stage over D-Bus, follow State until staged, print the id.
-UPDATE_TOOL = f"""#!/bin/sh
-set -eu
-B="{BUS}"
-id=$(busctl call $B Stage 'sa{{sv}}' "$1" 0 | cut -d'"' -f2)
-for _ in $(seq 1200); do
-    st=$(busctl get-property $B State | cut -d'"' -f2)
-    [ "$st" = staged ] && {{ echo "$id"; exit 0; }}
-    [ "$st" = failed ] && {{ busctl get-property $B LastError >&2; exit 1; }}
-    sleep 0.25
-done
-echo "not staged in time (state $st)" >&2
-exit 1
-""".encode()
 
 # PCR 23 as the log says it should be: tpm2_eventlog (tpm2-tools) replays it.
 REPLAY = """
@@ -70,16 +53,6 @@ def status(guest) -> dict:
     return json.loads(guest.run("relaunchctl status --json").output)
 
 
-def rng_address(guest) -> str:
-    """The virtio-rng PCI function (vendor 1af4, device 1005 legacy / 1044 modern)."""
-    out = guest.run("for d in /sys/bus/pci/devices/*; do "
-                    "v=$(cat $d/vendor); p=$(cat $d/device); "
-                    "[ $v = 0x1af4 ] && { [ $p = 0x1005 ] || [ $p = 0x1044 ]; } "
-                    "&& basename $d; done; true").output.split()
-    assert len(out) == 1, out
-    return out[0]
-
-
 def pcr23(guest) -> str:
     return guest.run("tpm2_pcrread -Q -o /dev/stdout sha256:23 | od -An -tx1 -v | "
                      "tr -d ' \\n'").output.strip()
@@ -103,26 +76,12 @@ def rng_driver(guest, address: str) -> str:
 def service(guest, keys):
     """relaunchd configured to quiesce CPU 1 and the virtio-rng device, with metrics."""
     rng = rng_address(guest)
-    guest.run(f"install -d -m 0755 {IMAGES} /etc/relaunchd {Path(PROM).parent}")
-    guest.put(CERT, keys["db"].cert)
-    guest.put("/usr/local/sbin/rld-update", UPDATE_TOOL, mode=0o755)
-    guest.put("/etc/relaunchd/relaunchd.yaml", f"""# tests/vm/test_service_relaunch.py
-image_dirs: [{IMAGES}]
-trust:
-  certificates: [{CERT}]
-launch:
-  method: kexec
-quiesce:
-  offline_cpus: auto
-  unbind_devices: ["{rng}"]
-metrics:
-  textfile_path: {PROM}
-""".encode())
-    guest.run("relaunchd --check-config && systemctl restart relaunchd")
+    configure(guest, cert=keys["db"].cert, cert_path=CERT,
+              written_by="tests/vm/test_service_relaunch.py", unbind=(rng,))
     assert rng_driver(guest, rng) == "virtio-pci" and cpu1_online(guest)
     guest.rng = rng
     yield guest
-    guest.run("rm -f /etc/relaunchd/relaunchd.yaml", check=False)
+    guest.run(f"rm -f {CONFIG}", check=False)
 
 
 def put_uki(guest, vm_image, keys, tmp_path: Path, name: str, **kw) -> tuple[str, str]:
