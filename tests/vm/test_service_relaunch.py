@@ -6,7 +6,8 @@ right before the kexec; the daemon of the new boot proves the outcome (boot id, 
 line with relaunchd.id, measurement log against PCR 23) and publishes it as
 LastRelaunch, in the journal and in the Prometheus textfile. Then what can go wrong:
 a rehearsal and a fault-injected rollback, SIGKILL between Relaunch and the hand-off, a
-kernel that does not come up (the guest falls back through firmware), a tampered log.
+kernel that does not come up (the guest falls back through firmware), `--immediate`
+(the daemon quiesces and kexecs itself), a tampered log.
 
 Runs after test_service (file order) and before test_stage, which locks the guest down.
 """
@@ -197,6 +198,29 @@ def test_sigkill_between_relaunch_and_handoff(service, vm_image, keys, tmp_path)
     assert guest.run("cat /sys/kernel/kexec_loaded").output.strip() == "1"
     assert log_replays(guest)
     guest.run("relaunchctl cancel")
+
+
+def test_immediate_relaunch_quiesces_in_the_daemon_and_is_proven(service, vm_image, keys,
+                                                                  tmp_path, vm_timings):
+    """`relaunch --immediate` (initramfs/VM use): the daemon quiesces itself, syncs and
+    kexecs at once, services still running; the next boot proves it like any other."""
+    guest = service
+    path, marker = put_uki(guest, vm_image, keys, tmp_path, "immediate")
+    relaunch_id = guest.run(f"rld-update {path}", timeout=300).output.strip()
+    old_boot = guest.boot_id()
+    boot = guest.transition(detached("relaunchctl relaunch --immediate"),
+                            timeout=KEXEC_TIMEOUT)
+    vm_timings.add("relaunchd_immediate_to_ready", boot.seconds)
+    assert boot.boot_id != old_boot
+    # systemd never went down: no shutdown hook ran, no unit was stopped.
+    assert guest.console_time("relaunchd-shutdown:", boot.since) is None
+    assert guest.console_time("Stopping relaunchd.service", boot.since) is None
+    last = status(guest)["LastRelaunch"]
+    assert last["id"] == relaunch_id and last["handoff"] == "immediate", last
+    assert last["verified"] is True and last["measured"] is True, last["mismatches"]
+    assert marker in guest.run("cat /proc/cmdline").output.split()
+    assert log_replays(guest)
+    assert cpu1_online(guest) and rng_driver(guest, guest.rng) == "virtio-pci"
 
 
 def test_kernel_that_fails_to_boot_is_reported_unverified(service, vm_image, keys, tmp_path,
