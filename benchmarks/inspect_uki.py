@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: `relaunchctl inspect` on a UKI with a ~100 MB initrd.
 
-Compared in the same run, page cache warm, median of N runs:
+Compared in the same run, page cache warm, median of N runs taken in turns:
   - all four banks: `relaunchctl inspect --json`  vs  `systemd-measure calculate`
     (all four banks, same extracted sections)        target ≤ 0.8×
   - sha256 only:    `relaunchctl inspect --json --bank sha256`  vs
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from support import ukibuild  # noqa: E402
-from support.benchutil import big_uki, busy_cpus, median_run  # noqa: E402
+from support.benchutil import big_uki, busy_cpus, interleaved  # noqa: E402
 
 RELAUNCHCTL = REPO / ".venv" / "bin" / "relaunchctl"
 BANKS = ["sha1", "sha256", "sha384", "sha512"]
@@ -45,16 +45,16 @@ def main() -> int:
                        *[f"--{k}={v}" for k, v in parts.items()],
                        *[f"--bank={b}" for b in BANKS]]
         rows = []
-        t_sm, _ = median_run(measure_cmd, args.runs)
-        t_all, rss_all = median_run([str(RELAUNCHCTL), "inspect", "--json", str(image)],
-                                    args.runs)
-        t_ssl, _ = median_run(["/usr/bin/openssl", "dgst", "-sha256", str(image)], args.runs)
-        t_256, rss_256 = median_run(
-            [str(RELAUNCHCTL), "inspect", "--json", "--bank", "sha256", str(image)], args.runs)
-        t_all_s, rss_all_s = median_run(
-            [str(RELAUNCHCTL), "inspect", "--json", str(signed)], args.runs)
-        t_256_s, rss_256_s = median_run(
-            [str(RELAUNCHCTL), "inspect", "--json", "--bank", "sha256", str(signed)], args.runs)
+        # Ours and the references take turns, run by run (benchutil.interleaved).
+        (t_sm, _), (t_all, rss_all), (t_ssl, _), (t_256, rss_256), (t_all_s, rss_all_s), \
+            (t_256_s, rss_256_s) = interleaved([
+                measure_cmd,
+                [str(RELAUNCHCTL), "inspect", "--json", str(image)],
+                ["/usr/bin/openssl", "dgst", "-sha256", str(image)],
+                [str(RELAUNCHCTL), "inspect", "--json", "--bank", "sha256", str(image)],
+                [str(RELAUNCHCTL), "inspect", "--json", str(signed)],
+                [str(RELAUNCHCTL), "inspect", "--json", "--bank", "sha256", str(signed)],
+            ], args.runs)
         rows.append(("all banks: inspect / systemd-measure", t_all, t_sm, 0.8))
         rows.append(("sha256: inspect / openssl dgst", t_256, t_ssl, 1.5))
         if busy_cpus() > 0.5:

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from support import ukibuild  # noqa: E402
-from support.benchutil import big_uki, busy_cpus, median_run  # noqa: E402
+from support.benchutil import big_uki, busy_cpus, interleaved  # noqa: E402
 
 RELAUNCHCTL = REPO / ".venv" / "bin" / "relaunchctl"
 
@@ -38,10 +38,10 @@ def main() -> int:
         image, _ = big_uki(work, args.initrd_mb)
         key = ukibuild.make_signing_key(work, "db", "relaunchd bench")
         signed = ukibuild.sign(image, key, images / "big.efi")
-        t_ssl, _ = median_run(["/usr/bin/openssl", "dgst", "-sha256", str(signed)], args.runs)
-        t_stage, rss = median_run(
+        (t_ssl, _), (t_stage, rss) = interleaved([
+            ["/usr/bin/openssl", "dgst", "-sha256", str(signed)],
             [str(RELAUNCHCTL), "stage", "--dry-run", "--image-dir", str(images),
-             "--cert", str(key.cert), str(signed)], args.runs)
+             "--cert", str(key.cert), str(signed)]], args.runs)
         if busy_cpus() > 0.5:
             print(f"warning: load average {busy_cpus():.1f}: other processes may skew this run")
         ratio = t_stage / t_ssl

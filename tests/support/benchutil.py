@@ -38,11 +38,18 @@ def byte_compile_package() -> None:
         raise SystemExit(f"cannot byte-compile {package}")
 
 
-def median_run(cmd: list[str], runs: int) -> tuple[float, int]:
+def interleaved(cmds: list[list[str]], runs: int) -> list[tuple[float, int]]:
+    """Median wall time and peak RSS of each command, the commands taking turns run by
+    run, so a burst of noise on the machine hits ours and the reference alike instead
+    of one whole series."""
     byte_compile_package()
-    timed(cmd)  # warm the page cache
-    results = [timed(cmd) for _ in range(runs)]
-    return statistics.median(r[0] for r in results), max(r[1] for r in results)
+    for cmd in cmds:
+        timed(cmd)  # warm the page cache
+    results: list[list[tuple[float, int]]] = [[] for _ in cmds]
+    for _ in range(runs):
+        for i, cmd in enumerate(cmds):
+            results[i].append(timed(cmd))
+    return [(statistics.median(r[0] for r in rs), max(r[1] for r in rs)) for rs in results]
 
 
 def busy_cpus() -> float:
