@@ -32,11 +32,11 @@ from . import eventlog
 from .errors import InvalidEventLog
 from .host import BootFacts
 from .measured import Verdict
+from .slrt import SL_EVTYPE_SECURE_LAUNCH
 from .state import PendingRecord, now
+from .tpm import DRTM_PCRS
 
 DRTM_METHODS = ("txt", "skinit")
-DRTM_PCRS = (17, 18)
-SL_EVTYPE_SECURE_LAUNCH = 0x502     # drtm.md §4.3 (slrt.SL_EVTYPE_SECURE_LAUNCH)
 
 
 def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: Verdict | None,
@@ -135,7 +135,7 @@ def check_drtm_log(prediction: dict[str, Any] | None, facts: BootFacts
     bank, values = pcrs.get("bank"), pcrs.get("values") or {}
     if bank and values:
         for pcr in DRTM_PCRS:
-            tpm_value = values.get(pcr, values.get(str(pcr)))
+            tpm_value = values.get(pcr)
             try:
                 logged = eventlog.replay(records, bank, pcr).hex()
             except (InvalidEventLog, ValueError) as exc:

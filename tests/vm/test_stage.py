@@ -20,10 +20,10 @@ import uuid
 
 import pytest
 
+from .guestsetup import IMAGES
 from .guestuki import guest_uki
 
 KEXEC_TIMEOUT = 600
-IMAGES = "/var/lib/relaunchd/images"
 CERT = "/etc/relaunchd/test-db.pem"
 SLRT_SETUP_TYPE = 0x524C0001
 
