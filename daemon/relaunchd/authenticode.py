@@ -146,11 +146,13 @@ def digest_sinks(headers: pe.PeHeaders, algorithms: Iterable[str]) -> dict[str, 
 
 
 def compute_digests(fd: int, headers: pe.PeHeaders, algorithms: Iterable[str], *,
-                    base: int = 0) -> dict[str, bytes]:
-    """Authenticode digests of the image at `base` in `fd`, in one read pass."""
+                    base: int = 0,
+                    overlays: tuple[tuple[int, int, int], ...] = ()) -> dict[str, bytes]:
+    """Authenticode digests of the image at `base` in `fd`, in one read pass
+    (`overlays` as for hashing.feed)."""
     sinks = digest_sinks(headers, algorithms)
     try:
-        hashing.feed(fd, list(sinks.values()), base=base)
+        hashing.feed(fd, list(sinks.values()), base=base, overlays=overlays)
     except OSError as exc:
         raise InvalidImage(f"read failed while hashing the image: {exc}") from None
     return {alg: sink.hasher.digest() for alg, sink in sinks.items()}  # type: ignore[attr-defined]

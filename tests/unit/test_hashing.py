@@ -87,3 +87,52 @@ def test_a_file_that_shrinks_mid_pass_is_an_error_not_sigbus():
                 raise AssertionError("the pass went on past the end of the file")
     finally:
         hashing.CHUNK = old
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(min_size=1, max_size=4096),
+    hole=st.tuples(st.integers(0, 4096), st.integers(0, 4096)),
+    specs=st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 4096)), min_size=1,
+                   max_size=4),
+    chunk=st.sampled_from([1, 7, 64, 1 << 20]),
+    base=st.sampled_from([0, 5]),
+)
+def test_overlay_is_read_from_the_other_descriptor(data, hole, specs, chunk, base):
+    """Staging's split copy: the image file has garbage where `.initrd` was cut out,
+    the initrd memfd holds those bytes at 0 and more after them. Hashing the image
+    with the overlay gives the digests of the original bytes, whatever the ranges."""
+    start = min(hole[0], len(data))
+    length = min(hole[1], len(data) - start)
+    old = hashing.CHUNK
+    hashing.CHUNK = chunk
+    try:
+        with tempfile.TemporaryFile() as main, tempfile.TemporaryFile() as other:
+            holed = data[:start] + b"\xee" * length + data[start + length:]
+            main.write(b"B" * base + holed)
+            main.flush()
+            other.write(data[start:start + length] + b"appended after the detached bytes")
+            other.flush()
+            sinks, expected = [], []
+            for a, b in specs:
+                lo, hi = sorted((min(a, len(data)), min(b, len(data))))
+                sinks.append(hashing.Sink(hashlib.sha256(), [(lo, hi - lo)]))
+                expected.append(hashlib.sha256(data[lo:hi]).hexdigest())
+            hashing.feed(main.fileno(), sinks, base=base,
+                         overlays=((start, length, other.fileno()),))
+            assert [s.hasher.hexdigest() for s in sinks] == expected
+    finally:
+        hashing.CHUNK = old
+
+
+def test_overlapping_overlays_are_refused():
+    with tempfile.TemporaryFile() as f:
+        f.write(b"x" * 100)
+        f.flush()
+        try:
+            hashing.feed(f.fileno(), [hashing.Sink(hashlib.sha256(), [(0, 100)])],
+                         overlays=((10, 20, f.fileno()), (25, 5, f.fileno())))
+        except ValueError as exc:
+            assert "overlap" in str(exc)
+        else:
+            raise AssertionError("overlapping overlays were accepted")
