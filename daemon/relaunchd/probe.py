@@ -21,15 +21,13 @@ from typing import Any
 from . import acm as acmfmt
 from . import tpm as tpmfacts
 from . import txt as txtregs
+from .bootstate import read_efi_bool, read_lockdown
 from .sysfs import NOT_PRESENT, PERMISSION, Read, SysRoot
 
 METHODS = ("txt", "skinit", "kexec")
 MSR_DEV = "/dev/cpu/0/msr"
 MSR_FEATURE_CONTROL = 0x3A    # IA32_FEATURE_CONTROL (drtm.md §3.1)
 MSR_VM_CR = 0xC0010114        # AMD VM_CR: bit3 LOCK, bit4 SVMDIS (AMD APM vol. 2, §15.30.1)
-# EFI_GLOBAL_VARIABLE (UEFI 2.10 §3.3):
-# {0x8BE4DF61,0x93CA,0x11D2,{0xAA,0x0D,0x00,0xE0,0x98,0x03,0x2B,0x8C}}
-EFI_GLOBAL = "8be4df61-93ca-11d2-aa0d-00e098032b8c"
 CONFIG_KEYS = ("KEXEC", "KEXEC_FILE", "KEXEC_SIG", "KEXEC_SIG_FORCE", "SECURE_LAUNCH",
                "SECURITY_LOCKDOWN_LSM", "LOCK_DOWN_KERNEL_FORCE_INTEGRITY",
                "LOCK_DOWN_KERNEL_FORCE_CONFIDENTIALITY", "LOCK_DOWN_IN_EFI_SECURE_BOOT",
@@ -244,28 +242,6 @@ def _efi(ctx: _Ctx) -> None:
         return
     for fact, var in (("boot.secure_boot", "SecureBoot"), ("boot.setup_mode", "SetupMode")):
         ctx.add(fact, read_efi_bool(ctx.root, var))
-
-
-def read_efi_bool(root: SysRoot, var: str) -> Read:
-    """A one-byte boolean UEFI global variable (SecureBoot, SetupMode) from efivarfs."""
-    raw = root.read_bytes(f"/sys/firmware/efi/efivars/{var}-{EFI_GLOBAL}", limit=64)
-    if not raw.ok or raw.value is None:
-        return Read(raw.path, error=raw.error, detail=raw.detail)
-    if len(raw.value) != 5:   # u32 attributes + one u8 (UEFI 2.10 §3.3, efivarfs)
-        return Read(raw.path, error="garbage", detail=f"{len(raw.value)} bytes")
-    return Read(raw.path, raw.value[4] == 1)
-
-
-def read_lockdown(root: SysRoot) -> Read:
-    """The active lockdown mode from securityfs ("none [integrity] confidentiality"
-    → "integrity"). A failed read is returned as it is (the caller may fall back
-    to the kernel config); an unparseable line is an error "garbage"."""
-    line = root.read_line("/sys/kernel/security/lockdown")
-    if not line.ok or line.value is None:
-        return line
-    m = re.search(r"\[(\w+)\]", line.value)
-    return (Read(line.path, m.group(1)) if m else
-            Read(line.path, error="garbage", detail=line.value[:60]))
 
 
 def _lockdown(ctx: _Ctx) -> None:

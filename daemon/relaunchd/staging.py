@@ -283,7 +283,7 @@ def _intel_info(root: SysRoot, report):
 
 
 def _lockdown(root: SysRoot) -> str | None:
-    from .probe import read_lockdown
+    from .bootstate import read_lockdown
 
     read = read_lockdown(root)
     return read.value if read.ok else None
@@ -398,7 +398,7 @@ def _initrd(parts: list[initrd.InitrdPart], sha256: str | None) -> Blob:
 
 
 def _secure_boot(root: SysRoot) -> bool | None:
-    from .probe import read_efi_bool
+    from .bootstate import read_efi_bool
 
     if not root.is_dir("/sys/firmware/efi"):
         return False
