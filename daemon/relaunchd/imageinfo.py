@@ -104,12 +104,13 @@ def inspect_image(
     profile: int | None = None,
     banks: tuple[str, ...] = measure.BANKS,
     phases: tuple[str, ...] = measure.DEFAULT_PHASES,
-    trusted: list | None = None,
+    trusted: list | Callable[[], list] | None = None,
     progress: Callable[[int, int], None] | None = None,
     extra_sinks: list[hashing.Sink] | None = None,
 ) -> ImageReport:
     """`extra_sinks` ride along in the same read pass (staging uses them for
-    the kernel and initrd digests)."""
+    the kernel and initrd digests). `trusted` may be a function returning the
+    certificates: it is called once the hashes are done, so they can load meanwhile."""
     resolved = image.resolve(profile)
     stub = image.stub_version()
     warnings: list[str] = []
@@ -172,7 +173,7 @@ def inspect_image(
 
     def run_hashes() -> None:
         try:
-            hashing.feed(image.fd, sinks, progress=on_progress)
+            hashing.feed(image.fd, sinks, overlays=image.overlays, progress=on_progress)
         except BaseException as exc:  # re-raised in the caller's thread
             hashing_error.append(exc)
 
@@ -203,8 +204,11 @@ def inspect_image(
     digests = {alg: h.digest() for alg, h in digest_hashes.items()}
     extra = {s.digest_algorithm for s in signatures} & _DIGEST_ALGORITHMS - set(digests)
     if extra:
-        digests.update(authenticode.compute_digests(image.fd, image.headers, extra))
+        digests.update(authenticode.compute_digests(image.fd, image.headers, extra,
+                                                   overlays=image.overlays))
     # An unsigned image is judged without cryptography (sigreport keeps that import away).
+    if callable(trusted):
+        trusted = trusted()
     signature = (authenticode.verify(signatures, digests, trusted or []) if signed
                  else sigreport.unsigned())
 

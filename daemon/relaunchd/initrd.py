@@ -78,11 +78,16 @@ def total_size(parts: list[InitrdPart]) -> int:
     return sum(p.size for p in parts)
 
 
-def write(parts: list[InitrdPart], out_fd: int) -> int:
-    """Append the parts to `out_fd`; file data moves with sendfile."""
+def write(parts: list[InitrdPart], out_fd: int, *, first_in_place: bool = False) -> int:
+    """Append the parts to `out_fd`; file data moves with sendfile.
+    `first_in_place`: `out_fd` already holds the first part's file data (and is
+    positioned after it), so only what follows it is written."""
     written = 0
-    for part in parts:
-        if part.source is not None:
+    for index, part in enumerate(parts):
+        if first_in_place and index == 0:
+            if part.source is None or os.lseek(out_fd, 0, os.SEEK_CUR) != part.source.length:
+                raise ValueError("the initrd memfd does not hold the first part's data")
+        elif part.source is not None:
             offset, left = part.source.offset, part.source.length
             while left:
                 sent = os.sendfile(out_fd, part.source.fd, offset, min(left, 1 << 30))

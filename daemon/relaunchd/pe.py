@@ -68,6 +68,16 @@ class FileRange:
 
 
 @dataclass(frozen=True)
+class DetachedRange:
+    """Bytes [offset, offset+length) of an image file that are held at offset 0 of
+    another descriptor instead (the image's own copy has a hole there)."""
+
+    offset: int
+    length: int
+    fd: int
+
+
+@dataclass(frozen=True)
 class PeSection:
     name: str
     index: int               # position in the section table

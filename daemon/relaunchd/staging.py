@@ -3,12 +3,18 @@
 The order is the point (DESIGN "The relaunch, end to end", step 1):
 1. check where the file lives (allowed directory, nothing writable by
    non-root below it), open it without following links;
-2. copy it once into a sealed memfd — from here on only that copy is used;
+2. copy it once into a sealed memfd — from here on only that copy is used.
+   In the common shape (the initrd is `.initrd` followed by generated cpios)
+   the `.initrd` payload goes straight into the initrd memfd instead, which is
+   finished and sealed before anything is verified: one copy of 100 MB, not two;
 3. parse, hash and verify the copy in one pass (`imageinfo`), refusing an
    image whose signature does not verify against the configured trust;
 4. cut the kernel (`.linux`, trimmed per uki.md §3.3) and build the initrd
    (`initrd`) and command line (`cmdline`) as systemd-stub would, each into
    its own sealed memfd.
+
+Meanwhile a second thread imports what verification needs and loads the
+certificates (`_Preload`): the copy runs in the kernel and leaves a core idle.
 
 `load()` then hands them to the kernel; `write_artifacts()` writes them out
 for `--dry-run`. A failure at any step closes everything opened so far and
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +40,7 @@ from .errors import (
     InvalidKernel,
     KexecFailed,
     NotReady,
+    RelaunchError,
     VerificationFailed,
 )
 from .imageinfo import ImageReport, inspect_image
@@ -50,6 +58,7 @@ class StageOptions:
     custom_cmdline: str | None = None
     append: list[str] = field(default_factory=list)
     trusted: list = field(default_factory=list)      # authenticode.load_certificates()
+    certificate_files: list[str] = field(default_factory=list)  # loaded while copying
     allow_unsigned: bool = False                     # explicit, insecure
     policy: sealed.ImagePolicy = field(
         default_factory=lambda: sealed.ImagePolicy(DEFAULT_IMAGE_DIRS))
@@ -143,15 +152,31 @@ def prepare(path: str, options: StageOptions,
     if options.method != "kexec" and options.effective_loader != "segments":
         raise InvalidArgument(f"the {options.method} method needs the segment loader")
     inputs = _launch_inputs(options)     # refuses up front, before any work
+    preload = _Preload(options)
     opened: list[Blob] = []
     try:
-        image_blob = _sealed_image(path, options)
+        image_blob, detached = _sealed_image(path, options)
         opened.append(image_blob)
+        initrd_blob = None
+        if detached is not None:
+            initrd_blob = Blob("initrd", detached.fd, detached.length, "")
+            opened.append(initrd_blob)
         # The pefile cross-check runs inside inspect_image, overlapped with hashing.
-        with uki.from_fd(image_blob.fd, path, confirm=False) as image:
+        with uki.from_fd(image_blob.fd, path, confirm=False, detached=detached) as image:
             resolved = image.resolve(options.profile)
             kernel_range, cmdline_limit = _kernel_range(image, resolved, path)
             parts = initrd.plan(image, resolved)
+            if initrd_blob is not None:
+                # The sealed headers must put `.initrd`, first in the initrd, exactly
+                # where the original's did when the copy was split.
+                if not (_initrd_extends_section(parts)
+                        and parts[0].source == pe.FileRange(detached.fd, 0, detached.length)):
+                    raise InvalidImage(f"{path}: changed while it was copied (its .initrd "
+                                       "moved); stage it again")
+                # Finished and sealed before anything is verified: the `.initrd`
+                # bytes are hashed from this memfd, the one kexec gets.
+                initrd_blob.size = initrd.write(parts, initrd_blob.fd, first_in_place=True)
+                sealed.seal(initrd_blob.fd)
             # Kernel and initrd digests come from the same single read of the
             # sealed copy as the verification (the memfds are copies of it);
             # where they equal or start with a section, that section's hash is
@@ -167,10 +192,11 @@ def prepare(path: str, options: StageOptions,
             if parts and initrd_pieces is not None:
                 extra.append(hashing.Sink(initrd_hash, initrd_pieces))
             report = inspect_image(
-                image, profile=options.profile, banks=options.banks, trusted=options.trusted,
+                image, profile=options.profile, banks=options.banks,
+                trusted=preload.certificates,
                 progress=(lambda d, t: progress("verifying", d, t)) if progress else None,
                 extra_sinks=extra)
-            _require_trust(path, report, options)
+            _require_trust(path, report, options, preload.certificates())
             if kernel_is_section:
                 kernel_hash = report.section_hashes[linux.index]["sha256"]
             if initrd_from_section:
@@ -178,8 +204,9 @@ def prepare(path: str, options: StageOptions,
                     report.section_hashes[resolved.sections[".initrd"].index]["sha256"], parts)
             kernel = _sealed_part("kernel", image.fd, kernel_range, kernel_hash.hexdigest())
             opened.append(kernel)
-            initrd_blob = None
-            if parts:
+            if initrd_blob is not None:
+                initrd_blob.sha256 = initrd_hash.hexdigest()
+            elif parts:
                 initrd_blob = _initrd(parts, initrd_hash.hexdigest()
                                       if initrd_from_section or initrd_pieces is not None
                                       else None)
@@ -289,22 +316,81 @@ def _lockdown(root: SysRoot) -> str | None:
     return read.value if read.ok else None
 
 
-def _sealed_image(path: str, options: StageOptions) -> Blob:
+class _Preload:
+    """pefile and cryptography imported, and `certificate_files` loaded, on a second
+    thread while the image is copied: the copy runs in the kernel and leaves a core
+    idle, and these imports (~60 ms) would otherwise delay the hash pass or compete
+    with it for the cores."""
+
+    def __init__(self, options: StageOptions):
+        self._files = list(options.certificate_files)
+        self._trusted = list(options.trusted)
+        self._signed = bool(self._files or self._trusted)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="relaunchd-preload",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            import pefile  # noqa: F401  (for the header cross-check)
+
+            if self._signed:
+                from . import authenticode
+        except ImportError:
+            return    # the import where it is needed reports it
+        if self._files:
+            try:
+                self._trusted += authenticode.load_certificates(self._files)
+            except BaseException as exc:  # re-raised by certificates()
+                self._error = exc
+
+    def certificates(self) -> list:
+        """Every trusted certificate: the given ones and those loaded from files."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._trusted
+
+
+def _sealed_image(path: str, options: StageOptions) -> tuple[Blob, pe.DetachedRange | None]:
+    """The sealed copy, and where its `.initrd` went instead when it was split off
+    (the image copy has a hole there; see `split_copy`)."""
     sealed.check_location(path, options.policy)
-    # Only to refuse a non-UKI before copying it; the sealed copy is what gets checked.
+    # Only to refuse a non-UKI before copying it and to find `.initrd`; the sealed
+    # copy is what gets checked.
     with uki.open_image(path, follow_symlinks=options.policy.follow_symlinks,
                         confirm=False) as original:
-        fd = sealed.sealed_copy(original.fd, os.path.basename(path), original.size)
-    return Blob("image", fd, os.fstat(fd).st_size, "")
+        split = _detachable_initrd(original, options.profile)
+        fd, part = sealed.split_copy(original.fd, os.path.basename(path), original.size,
+                                     detach=split)
+    detached = pe.DetachedRange(split[0], split[1], part) if part is not None else None
+    return Blob("image", fd, os.fstat(fd).st_size, ""), detached
 
 
-def _require_trust(path: str, report: ImageReport, options: StageOptions) -> None:
+def _detachable_initrd(original: uki.UkiImage, profile: int | None) -> tuple[int, int] | None:
+    """The `.initrd` payload range, if the initrd the stub builds starts with it and
+    has only generated cpios after it: then that payload can be copied straight into
+    the initrd memfd. Read from the original file, so only a guess that `prepare`
+    confirms on the sealed copy."""
+    try:
+        resolved = original.resolve(profile)
+        parts = initrd.plan(original, resolved)
+    except RelaunchError:
+        return None      # the sealed copy gets the same error, authoritatively
+    if not _initrd_extends_section(parts):
+        return None
+    return parts[0].source.offset, parts[0].source.length
+
+
+def _require_trust(path: str, report: ImageReport, options: StageOptions,
+                   trusted: list) -> None:
     signature = report.signature
     if signature.verified:
         return
-    if options.allow_unsigned and not options.trusted:
+    if options.allow_unsigned and not trusted:
         return
-    if not options.trusted:
+    if not trusted:
         raise VerificationFailed(f"{path}: no trusted certificates configured; refusing to "
                                  "stage an unverified image")
     why = "; ".join(signature.reasons) or "no signature verifies"

@@ -56,7 +56,7 @@ class UkiImage:
     """An open UKI: its descriptor, PE headers and the views built from them."""
 
     def __init__(self, fd: int, path: str, headers: pe.PeHeaders, owns_fd: bool,
-                 confirmed: bool = True):
+                 confirmed: bool = True, detached: pe.DetachedRange | None = None):
         self.fd = fd
         self.path = path
         self.headers = headers
@@ -64,6 +64,20 @@ class UkiImage:
         self._confirmed = confirmed
         self.range = pe.FileRange(fd, 0, headers.file_size)
         self.base, self.profiles = _slice_profiles(headers.sections)
+        self.detached = detached
+        if detached is not None and not any(
+                s.raw_offset == detached.offset and s.payload_size == detached.length
+                for s in headers.sections):
+            # The hole must be exactly one section's payload: sections, headers and
+            # certificate table never overlap (pe), so nothing else reads it.
+            raise InvalidImage("the detached range is not a section payload of these "
+                               "headers (the file changed while it was copied)")
+
+    @property
+    def overlays(self) -> tuple[tuple[int, int, int], ...]:
+        """For `hashing.feed`: where the image's bytes come from another descriptor."""
+        d = self.detached
+        return ((d.offset, d.length, d.fd),) if d is not None else ()
 
     # -- lifecycle
     def close(self) -> None:
@@ -137,6 +151,9 @@ class UkiImage:
         return ResolvedImage(profile=selected, sections=resolved, multi=multi)
 
     def payload(self, section: pe.PeSection) -> pe.FileRange:
+        d = self.detached
+        if d is not None and (section.raw_offset, section.payload_size) == (d.offset, d.length):
+            return pe.FileRange(d.fd, 0, d.length)
         return self.range.sub(section.raw_offset, section.payload_size)
 
     def read_section(self, section: pe.PeSection, limit: int = TEXT_SECTION_LIMIT) -> bytes:
@@ -144,7 +161,7 @@ class UkiImage:
         if section.payload_size > limit:
             raise InvalidImage(f"{self.path}: section {section.name} is "
                                f"{section.payload_size} bytes, over the {limit}-byte limit")
-        return self.range.pread(section.raw_offset, section.payload_size)
+        return self.payload(section).pread(0, section.payload_size)
 
     # -- parsed views
     def stub_version(self) -> StubVersion | None:
@@ -260,8 +277,10 @@ def open_image(
 
 
 def from_fd(fd: int, path: str, *, machine: int | None = None,
-            owns_fd: bool = False, confirm: bool = True) -> UkiImage:
-    """Parse a UKI from an already-open descriptor (e.g. a sealed memfd)."""
+            owns_fd: bool = False, confirm: bool = True,
+            detached: pe.DetachedRange | None = None) -> UkiImage:
+    """Parse a UKI from an already-open descriptor (e.g. a sealed memfd); with
+    `detached`, one section's payload is read from another descriptor."""
     size = os.fstat(fd).st_size
     try:
         headers = pe.parse_headers(pe.FileRange(fd, 0, size), confirm=confirm)
@@ -276,7 +295,7 @@ def from_fd(fd: int, path: str, *, machine: int | None = None,
     if not any(s.name == ".linux" for s in headers.sections):
         raise InvalidImage(f"{path}: not a UKI (image lacks a .linux section)")
     try:
-        return UkiImage(fd, path, headers, owns_fd, confirmed=confirm)
+        return UkiImage(fd, path, headers, owns_fd, confirmed=confirm, detached=detached)
     except InvalidImage as exc:
         raise InvalidImage(f"{path}: {exc}") from None
 

@@ -134,15 +134,15 @@ def test_file_replaced_after_copy_changes_nothing(image_dir, keys, monkeypatch, 
     """Swap the file on disk right after the sealed copy: what is verified and
     written out is still the original."""
     target = image_dir / "signed.efi"
-    original_copy = sealed.sealed_copy
+    original_copy = sealed.split_copy
 
-    def copy_then_tamper(fd, name, size=None):
-        result = original_copy(fd, name, size)
+    def copy_then_tamper(fd, name, size=None, detach=None):
+        result = original_copy(fd, name, size, detach)
         tampered = (image_dir / "tampered.efi").read_bytes()
         target.write_bytes(tampered)          # rewrite in place
         return result
 
-    monkeypatch.setattr(sealed, "sealed_copy", copy_then_tamper)
+    monkeypatch.setattr(sealed, "split_copy", copy_then_tamper)
     staged = staging.prepare(str(target), options(image_dir, keys))
     try:
         staging.write_artifacts(staged, str(tmp_path / "out"))
@@ -156,6 +156,109 @@ def test_file_replaced_after_copy_changes_nothing(image_dir, keys, monkeypatch, 
         staged.close()
     assert "relaunchd.test=full" in (tmp_path / "out" / "cmdline").read_text()
     assert b"EVIL" in target.read_bytes()
+
+
+def _initrd_tampered(image_dir: Path) -> bytes:
+    """signed.efi with one byte of its `.initrd` changed (signature now wrong)."""
+    data = bytearray((image_dir / "signed.efi").read_bytes())
+    marker = data.find(b"full\n")
+    assert marker > 0
+    data[marker:marker + 4] = b"evil"
+    return bytes(data)
+
+
+def test_initrd_is_split_off_and_the_image_copy_has_a_hole(image_dir, keys):
+    """The common shape: `.initrd` is copied once, straight into the initrd memfd, and
+    the image copy reads zeros there; every digest still matches the file's bytes."""
+    path = image_dir / "signed.efi"
+    original = path.read_bytes()
+    pe_file = pefile.PE(str(path), fast_load=True)
+    init = next(x for x in pe_file.sections if x.Name.rstrip(b"\0") == b".initrd")
+    offset, length = init.PointerToRawData, min(init.Misc_VirtualSize, init.SizeOfRawData)
+    pe_file.close()
+    staged = staging.prepare(str(path), options(image_dir, keys))
+    try:
+        assert staged.report.signature.verified
+        assert all(sealed.is_sealed(b.fd) for b in (staged.image, staged.kernel, staged.initrd))
+        copy = os.pread(staged.image.fd, staged.image.size, 0)
+        assert copy[offset:offset + length] == bytes(length)
+        assert copy[:offset] == original[:offset]
+        assert copy[offset + length:] == original[offset + length:]
+        initrd = os.pread(staged.initrd.fd, staged.initrd.size, 0)
+        assert initrd[:length] == original[offset:offset + length]
+        assert staged.initrd.sha256 == hashlib.sha256(initrd).hexdigest()
+        section_sha = {s.name: s.sha256 for s in staged.report.sections}[".initrd"]
+        assert section_sha == hashlib.sha256(section(path, ".initrd")).hexdigest()
+    finally:
+        staged.close()
+
+
+def test_file_rewritten_during_the_split_copy_is_refused(image_dir, keys, monkeypatch):
+    """The file changes after the bytes before `.initrd` were copied: the copy mixes
+    two versions, which verifies against no signature; nothing is left open."""
+    target = image_dir / "signed.efi"
+    evil = _initrd_tampered(image_dir)
+    real_copy = sealed.copy_range
+    calls = []
+
+    def copy_and_rewrite(src, offset, length, dst):
+        real_copy(src, offset, length, dst)
+        calls.append(offset)
+        if len(calls) == 1:
+            with open(target, "r+b") as f:     # in place: the open descriptor sees it
+                f.write(evil)
+
+    monkeypatch.setattr(sealed, "copy_range", copy_and_rewrite)
+    before = open_fds()
+    with pytest.raises(VerificationFailed, match="digest"):
+        staging.prepare(str(target), options(image_dir, keys))
+    assert len(calls) == 3          # head, `.initrd` into its own memfd, tail
+    assert open_fds() == before
+
+
+def test_layout_changed_before_the_copy_is_refused(image_dir, keys, monkeypatch):
+    """Between the first look at the file and the copy, it is replaced by a UKI whose
+    `.initrd` lies elsewhere: the split no longer matches the sealed headers."""
+    target = image_dir / "signed.efi"
+    real_split = sealed.split_copy
+
+    def replace_then_copy(fd, name, size=None, detach=None):
+        other = (image_dir / "multi.efi").read_bytes()
+        other += bytes(max(0, os.fstat(fd).st_size - len(other)))
+        with open(target, "r+b") as f:
+            f.write(other[:os.fstat(fd).st_size])
+        return real_split(fd, name, size, detach)
+
+    monkeypatch.setattr(sealed, "split_copy", replace_then_copy)
+    before = open_fds()
+    with pytest.raises(InvalidImage, match="changed while it was copied"):
+        staging.prepare(str(target), options(image_dir, keys, allow_unsigned=True,
+                                             trusted=[]))
+    assert open_fds() == before
+
+
+def test_ucode_first_takes_the_whole_copy_path(image_dir, keys, debian_kernel, tmp_path):
+    """With `.ucode` the initrd does not start with `.initrd`, so nothing is split off:
+    the image is copied whole and the initrd built from it, ucode first."""
+    from support import ukibuild
+
+    ucode = b"microcode blob\n" * 100
+    uki = ukibuild.build_uki(ukibuild.UkiSpec([
+        (".osrel", ukibuild.OS_RELEASE), (".cmdline", b"console=ttyS0"),
+        (".ucode", ucode), (".initrd", b"the initrd payload"),
+        (".linux", debian_kernel.vmlinuz)]), tmp_path / "ucode.efi")
+    signed = ukibuild.sign(uki, keys["db"], image_dir / "ucode.efi")
+    staged = staging.prepare(str(signed), options(image_dir, keys))
+    try:
+        assert staged.report.signature.verified
+        assert staged.initrd_parts[:2] == [".ucode", ".initrd"]
+        copy = os.pread(staged.image.fd, staged.image.size, 0)
+        assert copy == signed.read_bytes()          # no hole
+        initrd = os.pread(staged.initrd.fd, staged.initrd.size, 0)
+        assert initrd.startswith(ucode + bytes(-len(ucode) % 4) + b"the initrd payload")
+        assert staged.initrd.sha256 == hashlib.sha256(initrd).hexdigest()
+    finally:
+        staged.close()
 
 
 def test_load_without_kexec_support_is_a_named_error(image_dir, keys):

@@ -84,14 +84,12 @@ def run_stage(args: argparse.Namespace) -> int:
 
     if args.output and not args.dry_run:
         raise InvalidArgument("--output needs --dry-run")
-    trusted = []
-    if args.cert:
-        from .. import authenticode
-
-        trusted = authenticode.load_certificates(args.cert)
+    # The certificates load (and cryptography imports) on a second thread while the
+    # image is copied (staging._Preload).
     options = staging.StageOptions(
         method=args.method, profile=args.profile, custom_cmdline=args.cmdline,
-        append=args.append, trusted=trusted, allow_unsigned=args.insecure_allow_unsigned,
+        append=args.append, certificate_files=list(args.cert),
+        allow_unsigned=args.insecure_allow_unsigned,
         root=SysRoot(args.root), loader=args.loader, sinit_acm=args.sinit_acm,
         dl_handler=args.dl_handler)
     if args.image_dir:
