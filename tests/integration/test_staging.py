@@ -288,6 +288,36 @@ def test_cli_dry_run_json(image_dir, keys, tmp_path, capsys):
     assert "VerificationFailed" in capsys.readouterr().err
 
 
+def test_bad_certificate_file_is_a_named_error_and_leaves_nothing(image_dir, keys, tmp_path,
+                                                                  capsys):
+    """--cert files load on a second thread while the image is copied; a bad one
+    still ends the command with a named error, before anything is written."""
+    from relaunchd.cli import EXIT_INVALID, main
+
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN NOTHING-----\n")
+    for cert, why in ((tmp_path / "missing.pem", "cannot read certificate"),
+                      (garbage, "no CERTIFICATE block")):
+        before = open_fds()
+        rc = main(["stage", "--dry-run", "--output", str(tmp_path / "o"), "--image-dir",
+                   str(image_dir), "--cert", str(cert), str(image_dir / "signed.efi")])
+        err = capsys.readouterr().err
+        assert rc == EXIT_INVALID and "InvalidArgument" in err and why in err
+        assert "Traceback" not in err
+        assert not (tmp_path / "o").exists()
+        assert open_fds() == before
+
+
+def test_certificate_files_add_to_the_given_certificates(image_dir, keys):
+    opts = options(image_dir, keys, trusted=load_certificates([str(keys["other"].cert)]),
+                   certificate_files=[str(keys["db"].cert)])
+    staged = staging.prepare(str(image_dir / "signed.efi"), opts)
+    try:
+        assert staged.report.signature.verified_by == "CN=relaunchd test db"
+    finally:
+        staged.close()
+
+
 def test_secure_boot_drops_custom_cmdline(image_dir, keys):
     opts = options(image_dir, keys, custom_cmdline="init=/bin/sh")
     efivars = Path(opts.root.root) / "sys/firmware/efi/efivars"
