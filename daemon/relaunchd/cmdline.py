@@ -32,6 +32,17 @@ class Cmdline:
         return self.text.encode() + b"\0"
 
 
+def addon_tail(addons: list[str]) -> str:
+    """The add-on command lines as the stub appends them (stub.c load_addons, then
+    cmdline_append_and_measure_addons): each mangled and added with one space unless
+    nothing came before, the whole mangled again. An add-on whose line mangles to
+    nothing still adds its space: "a", "", "b" give "a  b", as in the stub."""
+    joined = ""
+    for text in addons:
+        joined = f"{joined}{' ' if joined else ''}{mangle_cmdline(text)}"
+    return mangle_cmdline(joined)
+
+
 def compose(uki_cmdline: str | None, *, custom: str | None = None, secure_boot: bool = False,
             addons: list[str] | None = None, extra: list[str] | None = None,
             limit: int | None = None) -> Cmdline:
@@ -46,8 +57,7 @@ def compose(uki_cmdline: str | None, *, custom: str | None = None, secure_boot: 
                          "line is dropped, as systemd-stub would")
         else:
             text = custom
-    pieces = [mangle_cmdline(text)]
-    pieces += [mangle_cmdline(a) for a in addons or []]
+    pieces = [mangle_cmdline(text), addon_tail(addons or [])]
     pieces += [mangle_cmdline(e) for e in extra or []]
     final = " ".join(p for p in pieces if p)
     if any(ord(c) > 0x7E for c in final):

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import addons as addon_rules
 from . import bootparams, hashing, initrd, kexec, pe, sealed, uki
 from . import cmdline as cmdline_rules
 from .errors import (
@@ -69,6 +70,8 @@ class StageOptions:
     loader: str | None = None            # "file" | "segments"; None: by method
     sinit_acm: str | None = None         # TXT inputs (config), read when the method needs them
     dl_handler: str | None = None
+    addons: bool = True                  # apply add-ons as systemd-stub would (addons.py)
+    boot_partition: str | None = None    # where loader/addons/ is; None: the image's mount
 
     @property
     def effective_loader(self) -> str:
@@ -107,6 +110,7 @@ class StagedImage:
     slrt: bytes | None = None
     drtm_seal_pcr: int | None = None     # segment loader: the SLRT policy's sealing PCR
     drtm_events: list = field(default_factory=list)   # slrt.PredictedEvent, policy order
+    addons: list[dict] = field(default_factory=list)  # addons.describe(): what was applied
 
     def close(self) -> None:
         for blob in (self.image, self.kernel, self.initrd):
@@ -139,6 +143,7 @@ class StagedImage:
                 {"pcr": e.pcr, "label": e.label, "event_type": e.event_type,
                  "digests": {bank: value.hex() for bank, value in e.digests.items()}}
                 for e in self.drtm_events]} if self.drtm_seal_pcr is not None else None),
+            "addons": self.addons,
             "notes": self.notes + self.cmdline.notes,
         }
 
@@ -154,8 +159,12 @@ def prepare(path: str, options: StageOptions,
     inputs = _launch_inputs(options)     # refuses up front, before any work
     preload = _Preload(options)
     opened: list[Blob] = []
+    found: list[addon_rules.Addon] = []
     try:
-        image_blob, detached = _sealed_image(path, options)
+        sealed.check_location(path, options.policy)
+        if options.addons:
+            found = addon_rules.discover(path, options.policy, options.boot_partition)
+        image_blob, detached = _sealed_image(path, options, found)
         opened.append(image_blob)
         initrd_blob = None
         if detached is not None:
@@ -165,7 +174,9 @@ def prepare(path: str, options: StageOptions,
         with uki.from_fd(image_blob.fd, path, confirm=False, detached=detached) as image:
             resolved = image.resolve(options.profile)
             kernel_range, cmdline_limit = _kernel_range(image, resolved, path)
-            parts = initrd.plan(image, resolved)
+            chosen = _select_addons(image, resolved, found)
+            parts = initrd.plan(image, resolved, ucode_addons=chosen.ucode,
+                                initrd_addons=chosen.initrd)
             if initrd_blob is not None:
                 # The sealed headers must put `.initrd`, first in the initrd, exactly
                 # where the original's did when the copy was split.
@@ -188,7 +199,7 @@ def prepare(path: str, options: StageOptions,
             kernel_hash, initrd_hash = hashlib.sha256(), hashlib.sha256()
             extra = [] if kernel_is_section else [
                 hashing.Sink(kernel_hash, [(kernel_range.offset, kernel_range.length)])]
-            initrd_pieces = None if initrd_from_section else _initrd_pieces(parts)
+            initrd_pieces = None if initrd_from_section else _initrd_pieces(parts, image.fd)
             if parts and initrd_pieces is not None:
                 extra.append(hashing.Sink(initrd_hash, initrd_pieces))
             report = inspect_image(
@@ -196,7 +207,9 @@ def prepare(path: str, options: StageOptions,
                 trusted=preload.certificates,
                 progress=(lambda d, t: progress("verifying", d, t)) if progress else None,
                 extra_sinks=extra)
-            _require_trust(path, report, options, preload.certificates())
+            trusted = preload.certificates()
+            _require_trust(path, report, options, trusted)
+            addon_rules.verify(chosen, trusted, options.allow_unsigned)
             if kernel_is_section:
                 kernel_hash = report.section_hashes[linux.index]["sha256"]
             if initrd_from_section:
@@ -216,16 +229,17 @@ def prepare(path: str, options: StageOptions,
             if options.add_id_argument:
                 args.append(f"{ID_ARGUMENT}={options.relaunch_id}")
             line = cmdline_rules.compose(image.cmdline(resolved), custom=options.custom_cmdline,
-                                         secure_boot=bool(secure_boot), extra=args,
-                                         limit=cmdline_limit)
-        notes = []
+                                         secure_boot=bool(secure_boot), addons=chosen.cmdlines,
+                                         extra=args, limit=cmdline_limit)
+        notes = list(chosen.notes)
         if secure_boot is None:
             notes.append("Secure Boot state unknown (no efivarfs): treated as off for the "
                          "command-line rule")
         staged = StagedImage(id=options.relaunch_id, source=path, method=options.method,
                              report=report, image=image_blob, kernel=kernel,
                              initrd=initrd_blob, initrd_parts=[p.label for p in parts],
-                             cmdline=line, notes=notes, loader=options.effective_loader)
+                             cmdline=line, notes=notes, loader=options.effective_loader,
+                             addons=addon_rules.describe(chosen))
         if staged.loader == "segments":
             from .launch import segment_loader
 
@@ -250,6 +264,17 @@ def prepare(path: str, options: StageOptions,
         for blob in opened:
             blob.close()
         raise
+    finally:
+        # Their bytes are in the initrd memfd and the command line by now.
+        for addon in found:
+            addon.close()
+
+
+def _select_addons(image: uki.UkiImage, resolved: uki.ResolvedImage,
+                   found: list[addon_rules.Addon]) -> addon_rules.Selection:
+    stub = image.stub_version()
+    return addon_rules.select(found, stub_major=stub.major if stub else None,
+                              uki_uname=image.text(resolved, ".uname"))
 
 
 def _launch_inputs(options: StageOptions):
@@ -353,29 +378,32 @@ class _Preload:
         return self._trusted
 
 
-def _sealed_image(path: str, options: StageOptions) -> tuple[Blob, pe.DetachedRange | None]:
+def _sealed_image(path: str, options: StageOptions, found: list[addon_rules.Addon],
+                  ) -> tuple[Blob, pe.DetachedRange | None]:
     """The sealed copy, and where its `.initrd` went instead when it was split off
     (the image copy has a hole there; see `split_copy`)."""
-    sealed.check_location(path, options.policy)
     # Only to refuse a non-UKI before copying it and to find `.initrd`; the sealed
     # copy is what gets checked.
     with uki.open_image(path, follow_symlinks=options.policy.follow_symlinks,
                         confirm=False) as original:
-        split = _detachable_initrd(original, options.profile)
+        split = _detachable_initrd(original, options.profile, found)
         fd, part = sealed.split_copy(original.fd, os.path.basename(path), original.size,
                                      detach=split)
     detached = pe.DetachedRange(split[0], split[1], part) if part is not None else None
     return Blob("image", fd, os.fstat(fd).st_size, ""), detached
 
 
-def _detachable_initrd(original: uki.UkiImage, profile: int | None) -> tuple[int, int] | None:
+def _detachable_initrd(original: uki.UkiImage, profile: int | None,
+                       found: list[addon_rules.Addon]) -> tuple[int, int] | None:
     """The `.initrd` payload range, if the initrd the stub builds starts with it and
-    has only generated cpios after it: then that payload can be copied straight into
-    the initrd memfd. Read from the original file, so only a guess that `prepare`
-    confirms on the sealed copy."""
+    has only generated cpios after it (no `.ucode`, no initrd add-ons): then that
+    payload can be copied straight into the initrd memfd. Read from the original
+    file, so only a guess that `prepare` confirms on the sealed copy."""
     try:
         resolved = original.resolve(profile)
-        parts = initrd.plan(original, resolved)
+        chosen = _select_addons(original, resolved, found)
+        parts = initrd.plan(original, resolved, ucode_addons=chosen.ucode,
+                            initrd_addons=chosen.initrd)
     except RelaunchError:
         return None      # the sealed copy gets the same error, authoritatively
     if not _initrd_extends_section(parts):
@@ -450,15 +478,15 @@ def _continue_initrd_hash(section_hash, parts: list[initrd.InitrdPart]):
     return digest
 
 
-def _initrd_pieces(parts: list[initrd.InitrdPart]) -> list | None:
-    """The initrd as hashing pieces (file ranges and literal bytes), or None
-    when its file ranges are not in file order (then it is hashed after
-    being written)."""
+def _initrd_pieces(parts: list[initrd.InitrdPart], image_fd: int) -> list | None:
+    """The initrd as hashing pieces (file ranges of the image and literal bytes), or
+    None when its file ranges are not in file order or not all in the image (add-ons):
+    then it is hashed after being written."""
     pieces: list = []
     last = -1
     for part in parts:
         if part.source is not None:
-            if part.source.offset < last:
+            if part.source.fd != image_fd or part.source.offset < last:
                 return None
             pieces.append((part.source.offset, part.source.length))
             last = part.source.offset + part.source.length

@@ -249,6 +249,17 @@ def open_image(
     never blocking on a FIFO, never opening a device. `confirm=False` defers the
     pefile cross-check to `UkiImage.confirm_headers()` (inspect_image runs it while
     it hashes)."""
+    fd = open_regular(path, follow_symlinks=follow_symlinks)
+    try:
+        return from_fd(fd, path, machine=machine, owns_fd=True, confirm=confirm)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular(path: str, *, follow_symlinks: bool = False) -> int:
+    """A read-only descriptor of a regular file (the caller closes it): no symlinks
+    unless asked, never blocking on a FIFO, never opening a device."""
     try:
         st = os.stat(path, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
@@ -270,7 +281,7 @@ def open_image(
     try:
         # Re-check on the descriptor: the path may have been swapped meanwhile.
         _require_regular(path, os.fstat(fd).st_mode)
-        return from_fd(fd, path, machine=machine, owns_fd=True, confirm=confirm)
+        return fd
     except BaseException:
         os.close(fd)
         raise

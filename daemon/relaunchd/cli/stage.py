@@ -55,6 +55,14 @@ def register(subparsers) -> None:
                         help="allowed image directory (repeatable; default: /boot, /efi, "
                              "/boot/efi, /usr/lib/kernel, /var/lib/relaunchd/images)")
     parser.add_argument("--follow-symlinks", action="store_true")
+    parser.add_argument("--no-addons", action="store_true",
+                        help="ignore add-ons (*.addon.efi in loader/addons/ and "
+                             "IMAGE.extra.d/), which are otherwise applied as systemd-stub "
+                             "applies them")
+    parser.add_argument("--boot-partition", metavar="DIR",
+                        help="root of the partition IMAGE boots from, whose loader/addons/ "
+                             "holds the global add-ons (default: the mount point holding "
+                             "IMAGE)")
     parser.add_argument("--root", default="/", metavar="DIR",
                         help="platform root prefix (tests)")
     parser.set_defaults(func=run_stage)
@@ -68,7 +76,7 @@ def register(subparsers) -> None:
 
 
 LOCAL_ONLY = ("dry_run", "output", "sinit_acm", "dl_handler", "cert", "insecure_allow_unsigned",
-              "image_dir", "follow_symlinks")
+              "image_dir", "follow_symlinks", "no_addons", "boot_partition")
 
 
 def run_stage(args: argparse.Namespace) -> int:
@@ -91,7 +99,8 @@ def run_stage(args: argparse.Namespace) -> int:
         append=args.append, certificate_files=list(args.cert),
         allow_unsigned=args.insecure_allow_unsigned,
         root=SysRoot(args.root), loader=args.loader, sinit_acm=args.sinit_acm,
-        dl_handler=args.dl_handler)
+        dl_handler=args.dl_handler, addons=not args.no_addons,
+        boot_partition=args.boot_partition)
     if args.image_dir:
         options.policy = sealed.ImagePolicy(tuple(args.image_dir), args.follow_symlinks)
     elif args.follow_symlinks:
@@ -121,6 +130,10 @@ def run_stage(args: argparse.Namespace) -> int:
             else:
                 print("  initrd   none")
             print(f"  cmdline  {staged.cmdline.text}")
+            for addon in staged.addons:
+                trust = (f"verified by {addon['verified_by']}" if addon["verified_by"]
+                         else "not verified")
+                print(f"  add-on   {addon['path']}  ({', '.join(addon['sections'])}; {trust})")
             if staged.segment_plan is not None:
                 seg = staged.segment_plan
                 print(f"  loader   segments, entry 0x{seg.entry:x}, slr_table_addr "
