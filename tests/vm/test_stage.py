@@ -4,7 +4,7 @@
    initrd is staged by `relaunchctl stage`, the guest relaunches with
    `systemctl kexec` (which keeps a preloaded image), and the new boot runs
    exactly the staged command line with the generated `.extra/` cpios in its
-   initrd.
+   initrd; with a per-UKI add-on, its command line and initrd are in the new boot too.
 2. Segment loader path: the guest relaunches through relaunchd's own zero
    page and purgatory; the new kernel shows the SLRT address at 0x078 and the
    SLRT in a setup_data node, byte-identical to what was built.
@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 from .guestsetup import IMAGES
-from .guestuki import guest_uki
+from .guestuki import guest_addon, guest_uki
 
 KEXEC_TIMEOUT = 600
 CERT = "/etc/relaunchd/test-db.pem"
@@ -67,6 +67,31 @@ def test_stage_and_relaunch_with_kexec_file_load(staged_setup, vm_image, keys, t
     assert guest.console_time("rld-extra: os-release", boot.since), guest.console_tail()
     assert guest.console_time('rld-osrel: PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"',
                               boot.since), guest.console_tail()
+    assert nothing_loaded(guest)
+
+
+def test_addons_reach_the_next_boot(staged_setup, vm_image, keys, tmp_path):
+    """A per-UKI add-on (`next.efi.extra.d/`) with a command line and an initrd: after
+    the relaunch both are in the running system, as systemd-stub would have put them."""
+    guest = staged_setup
+    marker = f"rld.uki={uuid.uuid4().hex[:12]}"
+    addon_marker = f"rld.addon={uuid.uuid4().hex[:12]}"
+    content = uuid.uuid4().hex.encode()
+    guest.put(f"{IMAGES}/addon.efi", guest_uki(vm_image, keys, tmp_path, marker, "addon",
+                                               stub_version="257.9-1"))
+    guest.run(f"install -d -m 0755 {IMAGES}/addon.efi.extra.d")
+    guest.put(f"{IMAGES}/addon.efi.extra.d/50-test.addon.efi",
+              guest_addon(keys, tmp_path, "test", addon_marker, content))
+    _, plan = stage(guest, f"{IMAGES}/addon.efi")
+    assert [a["sections"] for a in plan["addons"]] == [[".cmdline", ".initrd"]]
+    assert plan["initrd"]["parts"][-1] == "50-test.addon.efi:.initrd"
+    boot = guest.transition("systemctl --no-block kexec", timeout=KEXEC_TIMEOUT)
+    words = guest.run("cat /proc/cmdline").output.split()
+    assert words == plan["cmdline"].split()
+    assert words.index(marker) < words.index(addon_marker) < words.index(
+        f"relaunchd.id={plan['id']}")
+    assert guest.console_time(f"rld-addon: {content.decode()}", boot.since), \
+        guest.console_tail()
     assert nothing_loaded(guest)
 
 
