@@ -257,3 +257,22 @@ def test_uname_is_compared_as_the_stub_compares_it():
     assert not uname_matches("6.1.0-x", b"6.1.0-x-extra")
     assert not uname_matches("6.1.0-x", b"6.1.0-y\0")
     assert uname_matches("anything", b"")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "fifo"])
+def test_a_malformed_addon_is_a_named_error_that_leaves_nothing(real_ukis, keys, esp, kind):
+    image = modern_uki(real_ukis, keys, esp)
+    target = extra_d(image) / "bad.addon.efi"
+    if kind == "fifo":
+        os.mkfifo(target, 0o644)
+        why = "is a FIFO"
+    else:
+        good = addon(keys, esp.parent / "good.addon.efi", [(".cmdline", b"x=1")])
+        target.write_bytes(good.read_bytes()[:300] if kind == "truncated"
+                           else b"MZ" + os.urandom(4000))
+        os.chmod(target, 0o644)
+        why = "add-on .*bad.addon.efi: "
+    before = open_fds()
+    with pytest.raises(InvalidImage, match=why):
+        staging.prepare(str(image), options(esp, keys))
+    assert open_fds() == before
