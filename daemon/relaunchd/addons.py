@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from . import pe, sealed, uki
+from . import pe, sealed, sigreport, uki
 from .errors import InvalidImage, VerificationFailed
 from .initrd import InitrdPart
 
@@ -47,7 +47,7 @@ class Addon:
     fd: int
     headers: pe.PeHeaders
     sections: dict[str, pe.PeSection]   # first match by name, as the stub looks up
-    signature: object | None = None     # sigreport.SignatureReport once verified
+    signature: sigreport.SignatureReport | None = None   # set by verify()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -110,12 +110,16 @@ def directories(image_path: str, boot_partition: str | None) -> list[tuple[str, 
 def mount_point(path: str) -> str:
     """The top of the file system holding `path` (where st_dev changes going up)."""
     current = os.path.dirname(path)
-    dev = os.stat(current).st_dev
-    while current != "/":
-        parent = os.path.dirname(current)
-        if os.stat(parent).st_dev != dev:
-            break
-        current = parent
+    try:
+        dev = os.stat(current).st_dev
+        while current != "/":
+            parent = os.path.dirname(current)
+            if os.stat(parent).st_dev != dev:
+                break
+            current = parent
+    except OSError as exc:
+        raise InvalidImage(f"{path}: cannot find its file system's root: {exc.strerror}"
+                           ) from None
     return current
 
 
@@ -123,9 +127,7 @@ def candidates(directory: str) -> list[str]:
     """The entries of one add-on directory the stub would try, sorted as it sorts."""
     try:
         entries = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    except NotADirectoryError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as exc:
         raise InvalidImage(f"{directory}: cannot list add-ons: {exc.strerror}") from None
@@ -268,5 +270,5 @@ def verify(chosen: Selection, trusted: list, allow_unsigned: bool) -> None:
 def describe(chosen: Selection) -> list[dict]:
     """For plan.json: each applied add-on, what it gave and who signed it."""
     return [{"path": a.path, "scope": a.scope, "sections": chosen.used.get(a.path, []),
-             "verified_by": getattr(a.signature, "verified_by", None)}
+             "verified_by": a.signature.verified_by if a.signature else None}
             for a in chosen.applied]
