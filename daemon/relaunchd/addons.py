@@ -172,9 +172,7 @@ def _load(path: str, scope: str, policy: sealed.ImagePolicy) -> Addon:
             headers = pe.parse_headers(pe.FileRange(fd, 0, size))
         except InvalidImage as exc:
             raise InvalidImage(f"add-on {path}: {exc}") from None
-        want = uki.NATIVE_MACHINE.get(os.uname().machine)
-        if want is not None and headers.machine != want:
-            raise InvalidImage(f"add-on {path}: built for {headers.machine_name}")
+        uki.require_machine(headers, f"add-on {path}")
         sections: dict[str, pe.PeSection] = {}
         for section in headers.sections:
             sections.setdefault(section.name, section)

@@ -297,18 +297,23 @@ def from_fd(fd: int, path: str, *, machine: int | None = None,
         headers = pe.parse_headers(pe.FileRange(fd, 0, size), confirm=confirm)
     except InvalidImage as exc:
         raise InvalidImage(f"{path}: {exc}") from None
-    want = machine if machine is not None else NATIVE_MACHINE.get(os.uname().machine)
-    if want is not None and headers.machine != want:
-        raise InvalidImage(
-            f"{path}: built for {headers.machine_name}, not for "
-            f"{pe.MACHINES.get(want, hex(want))}"
-        )
+    require_machine(headers, path, machine)
     if not any(s.name == ".linux" for s in headers.sections):
         raise InvalidImage(f"{path}: not a UKI (image lacks a .linux section)")
     try:
         return UkiImage(fd, path, headers, owns_fd, confirmed=confirm, detached=detached)
     except InvalidImage as exc:
         raise InvalidImage(f"{path}: {exc}") from None
+
+
+def require_machine(headers: pe.PeHeaders, path: str, machine: int | None = None) -> None:
+    """The image must be built for `machine` (default: this machine's)."""
+    want = machine if machine is not None else NATIVE_MACHINE.get(os.uname().machine)
+    if want is not None and headers.machine != want:
+        raise InvalidImage(
+            f"{path}: built for {headers.machine_name}, not for "
+            f"{pe.MACHINES.get(want, hex(want))}"
+        )
 
 
 def _require_regular(path: str, mode: int) -> None:
