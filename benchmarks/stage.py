@@ -46,11 +46,12 @@ def initrd_range(image: Path) -> tuple[int, int]:
 
 def warm_prepare(image: Path, images: Path, cert: Path, runs: int) -> float:
     """Median time of staging.prepare() in this process after one warm-up run."""
-    from relaunchd import sealed, staging
-    from relaunchd.authenticode import load_certificates
+    from relaunchd.formats.authenticode import load_certificates
+    from relaunchd.launch import staging
+    from relaunchd.platform import sealed_memfd
 
     options = staging.StageOptions(trusted=load_certificates([str(cert)]),
-                                   policy=sealed.ImagePolicy((str(images),)))
+                                   policy=sealed_memfd.ImagePolicy((str(images),)))
     times = []
     for _ in range(runs + 1):
         start = time.perf_counter()

@@ -35,8 +35,8 @@ from typing import Any
 import pydbus
 from gi.repository import Gio, GLib
 
-from . import errors
-from .errors import InvalidArgument, RelaunchError
+from relaunchd import errors
+from relaunchd.errors import InvalidArgument, RelaunchError
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import signal
 import sys
 from typing import Any
 
-from . import __version__
-from .errors import RelaunchError
-from .messages import MESSAGE_IDS
+from relaunchd import __version__
+from relaunchd.engine.journal_ids import MESSAGE_IDS
+from relaunchd.errors import RelaunchError
 
 DEFAULT_CONFIG = "/etc/relaunchd/relaunchd.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -82,7 +82,7 @@ def load_config(path: str) -> Any:
         module = _import_hook(hook)
         if hasattr(module, "load_config"):
             return module.load_config(path)
-    from .config import load_config as load
+    from relaunchd.engine.config import load_config as load
 
     return load(path)
 
@@ -93,7 +93,7 @@ def make_engine(config: Any, notify) -> Any:
         engine_class = _import_hook(hook).Engine
         log.warning("test hook: engine from %s", hook)
     else:
-        from .engine import Engine as engine_class
+        from relaunchd.engine.core import Engine as engine_class
     platform = None
     platform_hook = os.environ.get("RELAUNCHD_TEST_PLATFORM")
     if platform_hook:
@@ -140,7 +140,7 @@ class Journal:
 
 
 def serve(config: Any) -> int:
-    from . import bus
+    from relaunchd import bus
 
     try:
         connection = bus.system_bus()

@@ -27,11 +27,11 @@ import os
 import sys
 import time
 
-from .errors import InvalidArgument, QuiesceFailed
-from .quiesce import QuiescePlan, execute
-from .state import HANDOFF, QUIESCE_JOURNAL, QUIESCE_PLAN, STAGED
-from .sysfs import SysRoot
-from .sysfs_write import SysWriter
+from relaunchd.engine.state import HANDOFF, QUIESCE_JOURNAL, QUIESCE_PLAN, STAGED
+from relaunchd.errors import InvalidArgument, QuiesceFailed
+from relaunchd.platform.quiesce import QuiescePlan, execute
+from relaunchd.platform.sysroot import SysRoot
+from relaunchd.platform.sysroot_writer import SysWriter
 
 DEFAULT_RUNTIME_DIR = "/run/relaunchd"
 CONFIG = "/etc/relaunchd/relaunchd.yaml"
@@ -63,7 +63,7 @@ def _runtime_dir(config_path: str) -> str:
     """The configured runtime directory; the default when the file is absent or bad (the
     daemon refused a bad file at start, so nothing of ours would be staged then)."""
     try:
-        from .config import load_config
+        from relaunchd.engine.config import load_config
 
         return load_config(config_path).runtime_dir
     except Exception:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from relaunchd import cmdline, cpio, sealed, staging
-from relaunchd.authenticode import load_certificates
 from relaunchd.errors import InvalidImage, VerificationFailed
-from relaunchd.sysfs import SysRoot
+from relaunchd.formats import cmdline, cpio
+from relaunchd.formats.authenticode import load_certificates
+from relaunchd.launch import staging
+from relaunchd.platform import sealed_memfd
+from relaunchd.platform.sysroot import SysRoot
 from support import ukibuild
 
 UCODE = b"GenuineIntel.bin microcode stand-in\n" * 3
@@ -64,7 +66,8 @@ def options(esp: Path, keys, **kw) -> staging.StageOptions:
     kw.setdefault("trusted", load_certificates([str(keys["db"].cert)]))
     platform = esp.parent / "platform"
     platform.mkdir(exist_ok=True)
-    return staging.StageOptions(policy=sealed.ImagePolicy((str(esp),)), boot_partition=str(esp),
+    return staging.StageOptions(policy=sealed_memfd.ImagePolicy((str(esp),)),
+                                boot_partition=str(esp),
                                 root=SysRoot(str(platform)), **kw)
 
 
@@ -115,7 +118,7 @@ def test_addons_are_applied_as_the_stub_applies_them(real_ukis, keys, esp, debia
         members = {m.name for m in cpio.read_newc(data[len(UCODE) + (-len(UCODE) % 4):])}
         assert {"etc/relaunchd-marker", ".extra/os-release", "etc/addon-marker"} <= members
         assert staged.initrd.sha256 == hashlib.sha256(data).hexdigest()
-        assert sealed.is_sealed(staged.initrd.fd)
+        assert sealed_memfd.is_sealed(staged.initrd.fd)
         plan = staged.plan()
         assert [(Path(a["path"]).name, a["sections"], a["verified_by"])
                 for a in plan["addons"]] == [
@@ -234,7 +237,7 @@ def test_cli_reports_addons(real_ukis, keys, esp, tmp_path, capsys):
 
 
 def test_global_addons_default_to_the_image_mount_point():
-    from relaunchd import addons
+    from relaunchd.formats import addons
 
     assert addons.mount_point("/proc/cpuinfo") == "/proc"
     assert addons.directories("/proc/cpuinfo", None) == [
@@ -250,7 +253,7 @@ def test_addon_cmdlines_join_as_the_stub_joins_them():
 
 
 def test_uname_is_compared_as_the_stub_compares_it():
-    from relaunchd.addons import uname_matches
+    from relaunchd.formats.addons import uname_matches
 
     assert uname_matches("6.1.0-x", b"6.1.0-x\0\0\0")
     assert uname_matches("6.1.0-x-extra", b"6.1.0-x")      # strneq8 over the section's size

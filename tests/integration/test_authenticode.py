@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from relaunchd import authenticode, hashing, pe
+from relaunchd.formats import authenticode, hashing, pe
 from support import ukibuild
 
 UKIS = ["minimal", "full", "modern", "multi", "signed", "signed-other", "signed-twice",

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from fixtures.platforms.build import materialize
-from relaunchd import tpm
+from relaunchd.platform import tpm
 from support.swtpm import running_swtpm
 from support.tools import require
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from relaunchd import engine as engine_mod
-from relaunchd.config import Config, TrustConfig
-from relaunchd.engine import Engine
-from relaunchd.probe import Check, Report, Verdict
-from relaunchd.sysfs import Read, SysRoot
+from relaunchd.engine import core as engine_mod
+from relaunchd.engine.config import Config, TrustConfig
+from relaunchd.engine.core import Engine
+from relaunchd.platform.readiness import Check, Report, Verdict
+from relaunchd.platform.sysroot import Read, SysRoot
 
 
 class KernelFake(engine_mod.Platform):

@@ -15,7 +15,7 @@ import pytest
 from gi.repository import Gio, GLib
 
 from relaunchd.errors import RelaunchError
-from relaunchd.inhibitors import (
+from relaunchd.platform.inhibitors import (
     LOGIND_MANAGER,
     LOGIND_NAME,
     LOGIND_PATH,
@@ -254,7 +254,7 @@ def test_wrong_reply_type_is_an_error_not_garbage(plain_logind, connection):
 
 CHILD = """
 import json
-from relaunchd.inhibitors import LogindUnavailable, blocking_shutdown, list_inhibitors
+from relaunchd.platform.inhibitors import LogindUnavailable, blocking_shutdown, list_inhibitors
 try:
     found = list_inhibitors(timeout_ms=5000)
 except LogindUnavailable as exc:

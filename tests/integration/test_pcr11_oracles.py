@@ -20,9 +20,9 @@ from pathlib import Path
 import pefile
 import pytest
 
-from relaunchd.imageinfo import inspect_image
-from relaunchd.measure import BANKS, DEFAULT_PHASES
-from relaunchd.uki import open_image
+from relaunchd.formats.image_report import inspect_image
+from relaunchd.formats.pcr11 import BANKS, DEFAULT_PHASES
+from relaunchd.formats.uki import open_image
 from support import ukibuild
 from support.swtpm import running_swtpm
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import pefile
 import pytest
 
-from relaunchd import cpio, sealed, staging
-from relaunchd.authenticode import load_certificates
 from relaunchd.errors import InvalidImage, KexecFailed, NotReady, VerificationFailed
-from relaunchd.pe import FileRange
-from relaunchd.sysfs import SysRoot
+from relaunchd.formats import cpio
+from relaunchd.formats.authenticode import load_certificates
+from relaunchd.formats.pe import FileRange
+from relaunchd.launch import staging
+from relaunchd.platform import sealed_memfd
+from relaunchd.platform.sysroot import SysRoot
 from support.memmaps import QEMU_2G, write_memmap
 
 
@@ -36,7 +38,7 @@ def options(image_dir: Path, keys, **kw) -> staging.StageOptions:
     kw.setdefault("trusted", load_certificates([str(keys["db"].cert)]))
     root = image_dir.parent / "platform"
     root.mkdir(exist_ok=True)
-    return staging.StageOptions(policy=sealed.ImagePolicy((str(image_dir),)),
+    return staging.StageOptions(policy=sealed_memfd.ImagePolicy((str(image_dir),)),
                                 root=SysRoot(str(root)), **kw)
 
 
@@ -55,7 +57,8 @@ def section(path: Path, name: str) -> bytes:
 def test_dry_run_artifacts(image_dir, keys, debian_kernel, tmp_path):
     staged = staging.prepare(str(image_dir / "signed.efi"), options(image_dir, keys))
     try:
-        assert all(sealed.is_sealed(b.fd) for b in (staged.image, staged.kernel, staged.initrd))
+        assert all(sealed_memfd.is_sealed(b.fd)
+                   for b in (staged.image, staged.kernel, staged.initrd))
         out = tmp_path / "out"
         staging.write_artifacts(staged, str(out))
     finally:
@@ -134,7 +137,7 @@ def test_file_replaced_after_copy_changes_nothing(image_dir, keys, monkeypatch, 
     """Swap the file on disk right after the sealed copy: what is verified and
     written out is still the original."""
     target = image_dir / "signed.efi"
-    original_copy = sealed.split_copy
+    original_copy = sealed_memfd.split_copy
 
     def copy_then_tamper(fd, name, size=None, detach=None):
         result = original_copy(fd, name, size, detach)
@@ -142,7 +145,7 @@ def test_file_replaced_after_copy_changes_nothing(image_dir, keys, monkeypatch, 
         target.write_bytes(tampered)          # rewrite in place
         return result
 
-    monkeypatch.setattr(sealed, "split_copy", copy_then_tamper)
+    monkeypatch.setattr(sealed_memfd, "split_copy", copy_then_tamper)
     staged = staging.prepare(str(target), options(image_dir, keys))
     try:
         staging.write_artifacts(staged, str(tmp_path / "out"))
@@ -179,7 +182,8 @@ def test_initrd_is_split_off_and_the_image_copy_has_a_hole(image_dir, keys):
     staged = staging.prepare(str(path), options(image_dir, keys))
     try:
         assert staged.report.signature.verified
-        assert all(sealed.is_sealed(b.fd) for b in (staged.image, staged.kernel, staged.initrd))
+        assert all(sealed_memfd.is_sealed(b.fd)
+                   for b in (staged.image, staged.kernel, staged.initrd))
         copy = os.pread(staged.image.fd, staged.image.size, 0)
         assert copy[offset:offset + length] == bytes(length)
         assert copy[:offset] == original[:offset]
@@ -198,7 +202,7 @@ def test_file_rewritten_during_the_split_copy_is_refused(image_dir, keys, monkey
     two versions, which verifies against no signature; nothing is left open."""
     target = image_dir / "signed.efi"
     evil = _initrd_tampered(image_dir)
-    real_copy = sealed.copy_range
+    real_copy = sealed_memfd.copy_range
     calls = []
 
     def copy_and_rewrite(src, offset, length, dst):
@@ -208,7 +212,7 @@ def test_file_rewritten_during_the_split_copy_is_refused(image_dir, keys, monkey
             with open(target, "r+b") as f:     # in place: the open descriptor sees it
                 f.write(evil)
 
-    monkeypatch.setattr(sealed, "copy_range", copy_and_rewrite)
+    monkeypatch.setattr(sealed_memfd, "copy_range", copy_and_rewrite)
     before = open_fds()
     with pytest.raises(VerificationFailed, match="digest"):
         staging.prepare(str(target), options(image_dir, keys))
@@ -220,7 +224,7 @@ def test_layout_changed_before_the_copy_is_refused(image_dir, keys, monkeypatch)
     """Between the first look at the file and the copy, it is replaced by a UKI whose
     `.initrd` lies elsewhere: the split no longer matches the sealed headers."""
     target = image_dir / "signed.efi"
-    real_split = sealed.split_copy
+    real_split = sealed_memfd.split_copy
 
     def replace_then_copy(fd, name, size=None, detach=None):
         other = (image_dir / "multi.efi").read_bytes()
@@ -229,7 +233,7 @@ def test_layout_changed_before_the_copy_is_refused(image_dir, keys, monkeypatch)
             f.write(other[:os.fstat(fd).st_size])
         return real_split(fd, name, size, detach)
 
-    monkeypatch.setattr(sealed, "split_copy", replace_then_copy)
+    monkeypatch.setattr(sealed_memfd, "split_copy", replace_then_copy)
     before = open_fds()
     with pytest.raises(InvalidImage, match="changed while it was copied"):
         staging.prepare(str(target), options(image_dir, keys, allow_unsigned=True,
@@ -342,7 +346,8 @@ def test_secure_boot_drops_custom_cmdline(image_dir, keys):
 
 
 def test_segment_loader_dry_run(image_dir, keys, tmp_path):
-    from relaunchd import bootparams, slrt
+    from relaunchd.formats import slrt
+    from relaunchd.formats.x86 import boot_params
 
     opts = options(image_dir, keys, loader="segments")
     write_memmap(Path(opts.root.root), QEMU_2G)
@@ -354,7 +359,7 @@ def test_segment_loader_dry_run(image_dir, keys, tmp_path):
         staged.close()
     plan = json.loads((out / "plan.json").read_text())
     assert plan["loader"] == "segments"
-    zero_page = (out / "bootparams.bin").read_bytes()
+    zero_page = (out / "boot_params.bin").read_bytes()
     assert len(zero_page) == 4096
     slr_addr = int.from_bytes(zero_page[0x78:0x80], "little")
     assert slr_addr == plan["segments"]["slr_table_addr"] != 0
@@ -371,7 +376,7 @@ def test_segment_loader_dry_run(image_dir, keys, tmp_path):
     assert head == seg["setup-data"]["address"] <= slr_addr < head + seg["setup-data"]["memsz"]
     fd = os.open(out / "kernel", os.O_RDONLY)
     try:
-        header = bootparams.parse_setup_header(FileRange(fd, 0, os.fstat(fd).st_size))
+        header = boot_params.parse_setup_header(FileRange(fd, 0, os.fstat(fd).st_size))
     finally:
         os.close(fd)
     assert seg["kernel"]["memsz"] >= header.init_size
@@ -430,11 +435,12 @@ def test_txt_intel_info_comes_from_the_msrs_and_the_txt_heap(tmp_path):
     model for consecutive MSRs (their 8-byte values would overlap), so the MSRs come
     from a reader over a table here."""
     from fixtures.platforms.build import materialize
-    from relaunchd import probe, slrt
-    from relaunchd.sysfs import Read, SysRoot
+    from relaunchd.formats import slrt
+    from relaunchd.platform import readiness
+    from relaunchd.platform.sysroot import Read, SysRoot
 
     root = materialize("intel-txt-server", tmp_path)
-    report = probe.probe(probe.ProbeConfig(root=str(root)))
+    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
     # Intel SDM vol. 3A §11.11: MTRRcap VCNT=2, MISC_ENABLE, MTRRdefType E=1 FE=1 WB,
     # 0-2 GiB WB and 2-3 GiB UC for 39 physical address bits.
     msrs = {0xFE: 0x502, 0x1A0: 0x851889, 0x2FF: 0xC06, 0x200: 0x6, 0x201: 0x7F80000800,
@@ -442,9 +448,9 @@ def test_txt_intel_info_comes_from_the_msrs_and_the_txt_heap(tmp_path):
 
     class MsrRoot(SysRoot):
         def read_at(self, path, offset, size):
-            if path == probe.MSR_DEV and offset in msrs and size == 8:
+            if path == readiness.MSR_DEV and offset in msrs and size == 8:
                 return Read(path, msrs[offset].to_bytes(8, "little"))
-            if path == probe.MSR_DEV:
+            if path == readiness.MSR_DEV:
                 return Read(path, error="unreadable", detail="Input/output error")
             return super().read_at(path, offset, size)
 

@@ -17,8 +17,8 @@ import signal
 import time
 from pathlib import Path
 
-from relaunchd import quiesce
-from relaunchd.engine import Platform
+from relaunchd.engine.core import Platform
+from relaunchd.platform import quiesce
 
 
 class FakePlatform(Platform):

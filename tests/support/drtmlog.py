@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from relaunchd import eventlog, slrt
+from relaunchd.formats import eventlog, slrt
 
 CMDLINE = "console=ttyS0 root=/dev/vda rw relaunchd.id=r-1"
 BANKS = ("sha1", "sha256")

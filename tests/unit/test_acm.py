@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures.platforms.build import build_acm
-from relaunchd import acm
+from relaunchd.formats import acm
 
 
 @pytest.mark.parametrize("header", [0, 3])

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relaunchd import authenticode, pe
 from relaunchd.errors import InvalidArgument, InvalidImage
+from relaunchd.formats import authenticode, pe
 from support import ukibuild
 
 SPC_INDIRECT_DATA_OID = bytes.fromhex("060a2b0601040182370201 04".replace(" ", ""))

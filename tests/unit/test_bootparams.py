@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaunchd import bootparams as bp
 from relaunchd.errors import InvalidArgument, InvalidKernel
-from relaunchd.pe import FileRange
+from relaunchd.formats.pe import FileRange
+from relaunchd.formats.x86 import boot_params as bp
 
 
 @pytest.fixture(scope="module")

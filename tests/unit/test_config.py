@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from relaunchd import config as cfg
-from relaunchd.config import Config, load_config, parse_config
+from relaunchd.engine import config as cfg
+from relaunchd.engine.config import Config, load_config, parse_config
 from relaunchd.errors import ConfigError, RelaunchError
 
 DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "relaunchd.yaml"

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from relaunchd import cmdline, cpio
 from relaunchd.errors import InvalidArgument
+from relaunchd.formats import cmdline, cpio
 
 
 def hexfields(*values: int) -> bytes:

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from relaunchd import quiesce, state
-from relaunchd.config import Config, LaunchConfig, TrustConfig
-from relaunchd.engine import Engine
+from relaunchd.engine import state
+from relaunchd.engine.config import Config, LaunchConfig, TrustConfig
+from relaunchd.engine.core import Engine
+from relaunchd.engine.machine import BootFacts
 from relaunchd.errors import (
     Busy,
     InvalidArgument,
@@ -28,10 +29,10 @@ from relaunchd.errors import (
     RelaunchError,
     VerificationFailed,
 )
-from relaunchd.host import BootFacts
-from relaunchd.measured import Verdict as LogVerdict
-from relaunchd.probe import Check, Report, Verdict
-from relaunchd.sysfs import Read
+from relaunchd.platform import quiesce
+from relaunchd.platform.readiness import Check, Report, Verdict
+from relaunchd.platform.sysroot import Read
+from relaunchd.platform.tpm_extend_log import Verdict as LogVerdict
 
 PROPERTIES = {"State", "Progress", "StagedImage", "Capabilities", "CanRelaunch",
               "LastRelaunch", "LastError", "Version"}
@@ -353,7 +354,7 @@ def test_stage_to_staged(env):
 
 
 def test_stage_uses_configured_append_and_method(env, tmp_path):
-    from relaunchd.config import CmdlineConfig
+    from relaunchd.engine.config import CmdlineConfig
 
     env.config = make_config(tmp_path, env.config.trust.certificates[0],
                              cmdline=CmdlineConfig(append=("a=1",), id_argument=False))
@@ -820,7 +821,7 @@ def test_measurement_extends_the_staged_digests(env):
 
 
 def test_no_tpm_relaunches_unmeasured_unless_required(env, tmp_path):
-    from relaunchd.config import MeasurementConfig
+    from relaunchd.engine.config import MeasurementConfig
     from relaunchd.errors import NoTpm
 
     engine, _ = staged_engine(env)
@@ -970,7 +971,7 @@ def test_restart_in_the_same_boot_reports_an_aborted_relaunch(env):
 
 
 def test_metrics_textfile(env, tmp_path):
-    from relaunchd.config import MetricsConfig
+    from relaunchd.engine.config import MetricsConfig
 
     prom = tmp_path / "textfile" / "relaunchd.prom"
     prom.parent.mkdir()
@@ -1060,7 +1061,7 @@ def test_restage_announces_every_change(env):
 
 def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
     """The real hand-off queues kexec.target; a fake systemctl on PATH records it."""
-    from relaunchd.host import HANDOFF_COMMAND, Platform
+    from relaunchd.engine.machine import HANDOFF_COMMAND, Platform
 
     log = tmp_path / "args"
     tool = tmp_path / "bin" / "systemctl"
@@ -1121,7 +1122,7 @@ def test_a_drtm_log_with_a_changed_event_is_not_verified(env):
 
 
 def test_the_staged_record_keeps_the_drtm_prediction():
-    from relaunchd.engine import _record_for
+    from relaunchd.engine.core import _record_for
 
     class Staged(FakeStaged):
         def plan(self) -> dict:

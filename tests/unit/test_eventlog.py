@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaunchd import eventlog
 from relaunchd.errors import InvalidEventLog
+from relaunchd.formats import eventlog
 
 BANKS = ("sha1", "sha256")
 

@@ -9,7 +9,7 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaunchd import hashing
+from relaunchd.formats import hashing
 
 
 @settings(max_examples=60, deadline=None)

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaunchd import bootparams as bp
-from relaunchd import memmap as mm
 from relaunchd.errors import InvalidArgument, Unsupported
-from relaunchd.sysfs import SysRoot
+from relaunchd.formats.x86 import boot_params as bp
+from relaunchd.platform import memory_map as mm
+from relaunchd.platform.sysroot import SysRoot
 from support.memmaps import QEMU_2G, write_memmap
 
 MiB = 1 << 20

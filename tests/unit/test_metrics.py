@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from relaunchd.metrics import Metrics, render, write_textfile
+from relaunchd.prometheus import Metrics, render, write_textfile
 
 VERIFIED = {"id": "r-42", "method": "txt", "image": "/boot/efi/EFI/Linux/new.efi",
             "time": "2026-11-22T10:00:00+00:00", "verified": True, "measured": True,
@@ -250,7 +250,7 @@ def test_write_textfile_missing_directory(tmp_path):
 
 def test_write_textfile_temp_name_is_not_scraped(tmp_path, monkeypatch):
     """node-exporter reads `*.prom`: the temp file must never match while it is written."""
-    import relaunchd.atomicfile as atomicfile
+    import relaunchd.platform.atomic_file as atomicfile
 
     seen: list[str] = []
     real_rename = os.rename

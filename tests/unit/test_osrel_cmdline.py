@@ -1,5 +1,5 @@
-from relaunchd.osrel import parse_env_block
-from relaunchd.uki import mangle_cmdline
+from relaunchd.formats.osrel import parse_env_block
+from relaunchd.formats.uki import mangle_cmdline
 
 
 def test_os_release_quoting_and_comments():

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import time
 
-from relaunchd import outcome, slrt
-from relaunchd.host import BootFacts
-from relaunchd.state import PendingRecord
+from relaunchd.engine import proof
+from relaunchd.engine.machine import BootFacts
+from relaunchd.engine.state import PendingRecord
+from relaunchd.formats import slrt
 from support.drtmlog import CMDLINE, PREDICTED, launch_log, prediction
 
 
@@ -29,7 +30,7 @@ def facts(log: bytes | None, values: dict, *, error: str | None = None) -> BootF
 
 
 def evaluate(record: PendingRecord, boot: BootFacts) -> dict:
-    return outcome.evaluate(record, boot, verdict=None, reset_count=None)
+    return proof.evaluate(record, boot, verdict=None, reset_count=None)
 
 
 def test_a_launch_as_predicted_is_verified():

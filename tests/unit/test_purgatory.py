@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from relaunchd import purgatory
 from relaunchd.errors import InvalidArgument
+from relaunchd.formats.x86 import purgatory
 from support.tools import require
 
 OBJDUMP = shutil.which("objdump")

@@ -26,11 +26,18 @@ from pathlib import Path
 
 import pytest
 
-from relaunchd import quiesce
 from relaunchd.errors import InvalidArgument, QuiesceFailed
-from relaunchd.quiesce import QuiescePlan, QuiescePolicy, compute_plan, execute, rehearse, rollback
-from relaunchd.sysfs import SysRoot
-from relaunchd.sysfs_write import FailAt, SysWriter
+from relaunchd.platform import quiesce
+from relaunchd.platform.quiesce import (
+    QuiescePlan,
+    QuiescePolicy,
+    compute_plan,
+    execute,
+    rehearse,
+    rollback,
+)
+from relaunchd.platform.sysroot import SysRoot
+from relaunchd.platform.sysroot_writer import FailAt, SysWriter
 
 HERE = Path(__file__).resolve().parent
 
@@ -392,8 +399,8 @@ CRASH_CHILD = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
 import test_quiesce as t
-from relaunchd.quiesce import QuiescePlan, execute
-from relaunchd.sysfs import SysRoot
+from relaunchd.platform.quiesce import QuiescePlan, execute
+from relaunchd.platform.sysroot import SysRoot
 root, plan, journal, crash_at = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 def crash(n, path, value):
     if n == crash_at:

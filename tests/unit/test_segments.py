@@ -11,11 +11,11 @@ import tempfile
 
 import pytest
 
-from relaunchd import bootparams as bp
-from relaunchd import memmap as mm
-from relaunchd import segments as sg
 from relaunchd.errors import InvalidArgument
-from relaunchd.pe import FileRange
+from relaunchd.formats.pe import FileRange
+from relaunchd.formats.x86 import boot_params as bp
+from relaunchd.formats.x86 import segment_plan as sg
+from relaunchd.platform import memory_map as mm
 from support.memmaps import QEMU_2G
 
 MiB = 1 << 20

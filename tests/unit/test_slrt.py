@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relaunchd import slrt
 from relaunchd.errors import InvalidTable, RelaunchError, Unsupported
+from relaunchd.formats import slrt
 
 
 def h(text: str) -> bytes:

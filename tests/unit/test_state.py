@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from relaunchd import state
-from relaunchd.state import HistoryEntry, PendingRecord, StagedRecord, StateStore
+from relaunchd.engine import state
+from relaunchd.engine.state import HistoryEntry, PendingRecord, StagedRecord, StateStore
 
 
 def staged(n: int = 1) -> StagedRecord:

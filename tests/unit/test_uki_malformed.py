@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relaunchd.errors import InvalidArgument, InvalidImage
-from relaunchd.uki import open_image
+from relaunchd.formats.uki import open_image
 from support import ukibuild
 
 
@@ -233,7 +233,7 @@ def test_pefile_disagreeing_is_refused(small_uki, tmp_path, monkeypatch):
     the field, both when parsing at once and when inspect_image confirms later."""
     import pefile
 
-    from relaunchd import imageinfo
+    from relaunchd.formats import image_report
 
     class Skewed(pefile.PE):
         def __init__(self, *args, **kwargs):
@@ -245,5 +245,5 @@ def test_pefile_disagreeing_is_refused(small_uki, tmp_path, monkeypatch):
     message = reject(path, "read differently by pefile: SizeOfImage")
     assert "SizeOfImage" in message
     with open_image(str(path), confirm=False) as image, pytest.raises(InvalidImage) as info:
-        imageinfo.inspect_image(image, banks=("sha256",))
+        image_report.inspect_image(image, banks=("sha256",))
     assert "read differently by pefile" in str(info.value)

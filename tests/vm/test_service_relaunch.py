@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from relaunchd.messages import MESSAGE_IDS
+from relaunchd.engine.journal_ids import MESSAGE_IDS
 
 from .guestsetup import BUS, CONFIG, IMAGES, PROM, configure, rng_address
 from .guestuki import guest_uki

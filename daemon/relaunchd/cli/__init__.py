@@ -17,8 +17,8 @@ import argparse
 import importlib
 import sys
 
-from .. import __version__
-from ..errors import KexecFailed, NotReady, RelaunchError, Unsupported, VerificationFailed
+from relaunchd import __version__
+from relaunchd.errors import KexecFailed, NotReady, RelaunchError, Unsupported, VerificationFailed
 
 EXIT_OK = 0
 EXIT_FAILED = 1

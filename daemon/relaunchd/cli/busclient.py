@@ -20,9 +20,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import RelaunchError
-from . import EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, EXIT_OK
-from .output import human_size, print_json
+from relaunchd.cli import EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, EXIT_OK
+from relaunchd.cli.output import human_size, print_json
+from relaunchd.errors import RelaunchError
 
 INVALID = {"InvalidImage", "InvalidArgument", "InvalidConfig", "InvalidKernel", "InvalidTable"}
 INTERNAL = {"Internal"}
@@ -30,13 +30,13 @@ POLL = 1.0   # belt and braces if a signal is missed; the client, not the daemon
 
 
 def connect():
-    from .. import bus
+    from relaunchd import bus
 
     return bus.Client()
 
 
 def daemon_available() -> bool:
-    from .. import bus
+    from relaunchd import bus
 
     try:
         return bus.Client(timeout_ms=5000).available()
@@ -72,7 +72,7 @@ def interactive() -> bool:
 
 
 def error_from(last_error: dict, default: str = "Failed") -> RelaunchError:
-    from .. import bus
+    from relaunchd import bus
 
     name = str(last_error.get("name") or default)
     message = str(last_error.get("message") or name)
@@ -174,7 +174,7 @@ def _stage(args) -> int:
                 last_line = line
             changes = watch.next(POLL)
             if watch.gone:
-                from .. import bus
+                from relaunchd import bus
 
                 raise bus.NoDaemon("relaunchd left the bus while staging")
             if changes:

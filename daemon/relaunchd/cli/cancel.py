@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import EXIT_OK
-from .busclient import connect, handled, interactive
-from .output import print_json
+from relaunchd.cli import EXIT_OK
+from relaunchd.cli.busclient import connect, handled, interactive
+from relaunchd.cli.output import print_json
 
 
 def register(subparsers) -> None:

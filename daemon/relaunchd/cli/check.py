@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from .. import probe
+from relaunchd.platform import readiness
 
 EXIT_READY = 0
 EXIT_NOT_READY = 1
@@ -30,14 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--root", default="/", metavar="DIR",
                    help="read platform paths below DIR (a fixture tree); default /")
-    p.add_argument("--method", choices=("auto", *probe.METHODS), default="auto",
+    p.add_argument("--method", choices=("auto", *readiness.METHODS), default="auto",
                    help="the method whose readiness sets the exit code (default: any)")
     p.add_argument("--acm-dir", action="append", metavar="DIR",
                    help="directory with SINIT ACMs (repeatable; default "
-                        + ", ".join(probe.ProbeConfig.acm_dirs) + ")")
-    p.add_argument("--dl-handler", metavar="PATH", default=probe.ProbeConfig.dl_handler,
+                        + ", ".join(readiness.ProbeConfig.acm_dirs) + ")")
+    p.add_argument("--dl-handler", metavar="PATH", default=readiness.ProbeConfig.dl_handler,
                    help="TXT DL handler file (default %(default)s)")
-    p.add_argument("--skl", metavar="PATH", default=probe.ProbeConfig.skl,
+    p.add_argument("--skl", metavar="PATH", default=readiness.ProbeConfig.skl,
                    help="AMD Secure Kernel Loader file (default %(default)s)")
     p.add_argument("--tpm-tcti", metavar="TCTI",
                    help="ask this TPM for PCRs 17/18 (e.g. swtpm:host=127.0.0.1,port=2321)")
@@ -45,11 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = probe.ProbeConfig(
+    config = readiness.ProbeConfig(
         root=args.root,
-        acm_dirs=tuple(args.acm_dir) if args.acm_dir else probe.ProbeConfig.acm_dirs,
+        acm_dirs=tuple(args.acm_dir) if args.acm_dir else readiness.ProbeConfig.acm_dirs,
         dl_handler=args.dl_handler, skl=args.skl, tpm_tcti=args.tpm_tcti)
-    report = probe.probe(config)
+    report = readiness.probe(config)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -70,7 +70,7 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def render(report: probe.Report, method: str = "auto") -> str:
+def render(report: readiness.Report, method: str = "auto") -> str:
     lines = [f"Platform facts (root {report.root})"]
     for title, prefixes in GROUPS:
         names = [n for n in report.facts if n.startswith(prefixes)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import EXIT_OK
-from .busclient import connect, handled, show_value
-from .output import print_json
+from relaunchd.cli import EXIT_OK
+from relaunchd.cli.busclient import connect, handled, show_value
+from relaunchd.cli.output import print_json
 
 
 def register(subparsers) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import EXIT_OK
-from .busclient import connect, handled
-from .output import human_size, print_json
+from relaunchd.cli import EXIT_OK
+from relaunchd.cli.busclient import connect, handled
+from relaunchd.cli.output import human_size, print_json
 
 
 def register(subparsers) -> None:

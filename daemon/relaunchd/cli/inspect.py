@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import measure
-from ..errors import RelaunchError
-from . import EXIT_INVALID, EXIT_OK
-from .output import human_size, print_json, progress_printer
+from relaunchd.cli import EXIT_INVALID, EXIT_OK
+from relaunchd.cli.output import human_size, print_json, progress_printer
+from relaunchd.errors import RelaunchError
+from relaunchd.formats import pcr11
 
 
 def register(subparsers) -> None:
@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--profile", type=int, metavar="N",
                         help="resolve profile N of a multi-profile UKI (default 0)")
-    parser.add_argument("--bank", action="append", choices=measure.BANKS, dest="banks",
+    parser.add_argument("--bank", action="append", choices=pcr11.BANKS, dest="banks",
                         help="PCR bank to predict (repeatable; default: all four)")
     parser.add_argument("--cert", action="append", default=[], metavar="FILE",
                         help="also check the signature against this certificate (PEM/DER)")
@@ -30,13 +30,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..imageinfo import inspect_image
-    from ..uki import open_image
+    from relaunchd.formats.image_report import inspect_image
+    from relaunchd.formats.uki import open_image
 
-    banks = tuple(b for b in measure.BANKS if b in (args.banks or measure.BANKS))
+    banks = tuple(b for b in pcr11.BANKS if b in (args.banks or pcr11.BANKS))
     trusted = []
     if args.cert:
-        from .. import authenticode
+        from relaunchd.formats import authenticode
 
         trusted = authenticode.load_certificates(args.cert)
     results: list[dict] = []

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import EXIT_FAILED, EXIT_OK
-from .busclient import connect, handled, interactive, wait_relaunch
-from .output import print_json
+from relaunchd.cli import EXIT_FAILED, EXIT_OK
+from relaunchd.cli.busclient import connect, handled, interactive, wait_relaunch
+from relaunchd.cli.output import print_json
 
 
 def register(subparsers) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import InvalidArgument
-from . import EXIT_OK
-from .output import human_size, print_json, progress_printer
+from relaunchd.cli import EXIT_OK
+from relaunchd.cli.output import human_size, print_json, progress_printer
+from relaunchd.errors import InvalidArgument
 
 
 def register(subparsers) -> None:
@@ -82,13 +82,14 @@ LOCAL_ONLY = ("dry_run", "output", "sinit_acm", "dl_handler", "cert", "insecure_
 def run_stage(args: argparse.Namespace) -> int:
     local = args.local or args.root != "/" or any(getattr(args, o) for o in LOCAL_ONLY)
     if not local:
-        from . import busclient
+        from relaunchd.cli import busclient
 
         if busclient.daemon_available():
             return busclient.stage(args)
     args.method = args.method or "kexec"
-    from .. import sealed, staging
-    from ..sysfs import SysRoot
+    from relaunchd.launch import staging
+    from relaunchd.platform import sealed_memfd
+    from relaunchd.platform.sysroot import SysRoot
 
     if args.output and not args.dry_run:
         raise InvalidArgument("--output needs --dry-run")
@@ -102,9 +103,9 @@ def run_stage(args: argparse.Namespace) -> int:
         dl_handler=args.dl_handler, addons=not args.no_addons,
         boot_partition=args.boot_partition)
     if args.image_dir:
-        options.policy = sealed.ImagePolicy(tuple(args.image_dir), args.follow_symlinks)
+        options.policy = sealed_memfd.ImagePolicy(tuple(args.image_dir), args.follow_symlinks)
     elif args.follow_symlinks:
-        options.policy = sealed.ImagePolicy(staging.DEFAULT_IMAGE_DIRS, True)
+        options.policy = sealed_memfd.ImagePolicy(staging.DEFAULT_IMAGE_DIRS, True)
     show = progress_printer(f"staging {args.image}")
     staged = staging.prepare(args.image, options,
                              progress=(lambda _step, d, t: show(d, t)) if show else None)
@@ -150,8 +151,8 @@ def run_stage(args: argparse.Namespace) -> int:
 
 
 def run_unload(args: argparse.Namespace) -> int:
-    from .. import staging
-    from ..sysfs import SysRoot
+    from relaunchd.launch import staging
+    from relaunchd.platform.sysroot import SysRoot
 
     root = SysRoot(args.root)
     was = staging.loaded(root)

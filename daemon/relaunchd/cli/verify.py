@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from . import EXIT_FAILED, EXIT_OK
-from .output import print_json
+from relaunchd.cli import EXIT_FAILED, EXIT_OK
+from relaunchd.cli.output import print_json
 
 
 def register(subparsers) -> None:
@@ -25,8 +25,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .. import authenticode
-    from ..uki import open_image
+    from relaunchd.formats import authenticode
+    from relaunchd.formats.uki import open_image
 
     trusted = authenticode.load_certificates(args.cert)
     with open_image(args.image, follow_symlinks=args.follow_symlinks) as image:

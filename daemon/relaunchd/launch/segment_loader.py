@@ -20,10 +20,12 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from .. import kexec, memmap, segments, slrt
-from ..errors import NotReady
-from ..pe import FileRange
-from ..sysfs import SysRoot
+from relaunchd.errors import NotReady
+from relaunchd.formats import slrt
+from relaunchd.formats.pe import FileRange
+from relaunchd.formats.x86 import segment_plan
+from relaunchd.platform import kexec_syscalls, memory_map
+from relaunchd.platform.sysroot import SysRoot
 
 LOG_SIZE = 64 << 10          # DRTM event log buffer (TPM 2.0 format)
 MLE_ENTRY_OFFSET = 0x200     # startup_64: the 64-bit entry of the protected-mode kernel
@@ -53,40 +55,40 @@ class SlrtContent:
 
 
 def plan(kernel: FileRange, initrd: FileRange | None, cmdline: bytes, root: SysRoot,
-         inputs: SegmentInputs) -> tuple[segments.SegmentPlan, SlrtContent]:
+         inputs: SegmentInputs) -> tuple[segment_plan.SegmentPlan, SlrtContent]:
     """Place every segment and build the zero page and SLRT; returns the plan
     and the SLRT as placed."""
     if (inputs.dce is None) != (inputs.dl_handler is None):
         raise NotReady("a DRTM launch needs both the DCE (SINIT ACM) and the DL handler")
-    mem = memmap.read_memmap(root)
+    mem = memory_map.read_memmap(root)
     # The log buffer must survive into the new kernel: reserved in its e820.
-    extras = [segments.Blob(name="drtm-log", data=bytes(LOG_SIZE), align=4096, reserve=True)]
+    extras = [segment_plan.Blob(name="drtm-log", data=bytes(LOG_SIZE), align=4096, reserve=True)]
     if inputs.dce is not None:
         # SINIT needs 4 KiB alignment and lives below 4 GiB (TXT SDG §A.1).
-        extras.append(segments.Blob(name="sinit", data=inputs.dce, align=4096))
-        extras.append(segments.Blob(name="dl-handler", data=inputs.dl_handler or b"",
+        extras.append(segment_plan.Blob(name="sinit", data=inputs.dce, align=4096))
+        extras.append(segment_plan.Blob(name="dl-handler", data=inputs.dl_handler or b"",
                                     align=4096))
     measured_cmdline = slrt.measured_cmdline(cmdline)
     built: dict[str, SlrtContent] = {}
 
     def build_slrt(addresses) -> bytes:
-        kernel_base, kernel_size = addresses[segments.KERNEL]
+        kernel_base, kernel_size = addresses[segment_plan.KERNEL]
         log_addr, log_size = addresses["drtm-log"]
         dce_base, dce_size = addresses.get("sinit", (0, 0))
         handler = addresses.get("dl-handler")
-        initrd_region = (slrt.Region(*addresses[segments.INITRD])
-                         if segments.INITRD in addresses else None)
-        setup = addresses.get(segments.SETUP_DATA, (0, 0))[0]
+        initrd_region = (slrt.Region(*addresses[segment_plan.INITRD])
+                         if segment_plan.INITRD in addresses else None)
+        setup = addresses.get(segment_plan.SETUP_DATA, (0, 0))[0]
         policy = slrt.default_policy(
-            slrt_base=addresses[segments.SLRT][0],
-            cmdline=slrt.Region(addresses[segments.CMDLINE][0], len(measured_cmdline)),
-            zero_page=addresses[segments.ZERO_PAGE][0], initrd=initrd_region,
+            slrt_base=addresses[segment_plan.SLRT][0],
+            cmdline=slrt.Region(addresses[segment_plan.CMDLINE][0], len(measured_cmdline)),
+            zero_page=addresses[segment_plan.ZERO_PAGE][0], initrd=initrd_region,
             setup_data=setup, seal_pcr=inputs.seal_pcr, data_pcr=inputs.data_pcr)
         entries: list = [
             slrt.DlInfo(dce_base=dce_base, dce_size=dce_size, dlme_base=kernel_base,
                         dlme_size=kernel_size, dlme_entry=MLE_ENTRY_OFFSET,
                         dl_launch=(handler[0] + inputs.dl_handler_entry) if handler else 0,
-                        dlme_config_table=addresses[segments.ZERO_PAGE][0]),
+                        dlme_config_table=addresses[segment_plan.ZERO_PAGE][0]),
             slrt.LogInfo(addr=log_addr, size=log_size),
             policy,
         ]
@@ -97,17 +99,17 @@ def plan(kernel: FileRange, initrd: FileRange | None, cmdline: bytes, root: SysR
                 inputs.intel_info or slrt.IntelInfo(txt_heap=0, saved_misc_enable=0,
                                                     default_mem_type=0),
                 # v10-v14 INTEL_INFO has no boot_params_addr (it is in OS2MLE there).
-                boot_params_addr=addresses[segments.ZERO_PAGE][0] if inputs.layout >= 15 else 0)
+                boot_params_addr=addresses[segment_plan.ZERO_PAGE][0] if inputs.layout >= 15 else 0)
             entries.append(intel_info)
         table = slrt.Table(architecture=inputs.architecture, entries=tuple(entries))
         built["slrt"] = SlrtContent(slrt.build(table, layout=inputs.layout), policy,
                                     intel_info, inputs.seal_pcr, inputs.layout)
         return built["slrt"].table
 
-    builder = segments.SlrtBuilder(size=slrt.DEFAULT_MAX_SIZE, build=build_slrt)
-    result = segments.plan_segments(kernel, cmdline=measured_cmdline, memmap=mem,
+    builder = segment_plan.SlrtBuilder(size=slrt.DEFAULT_MAX_SIZE, build=build_slrt)
+    result = segment_plan.plan_segments(kernel, cmdline=measured_cmdline, memmap=mem,
                                     initrd=initrd, slrt=builder, extras=extras,
-                                    facts=segments.BootFacts(acpi_rsdp=acpi_rsdp(root)))
+                                    facts=segment_plan.BootFacts(acpi_rsdp=acpi_rsdp(root)))
     return result, built["slrt"]
 
 
@@ -138,15 +140,15 @@ def acpi_rsdp(root: SysRoot) -> int:
     return 0
 
 
-def load(result: segments.SegmentPlan) -> None:
+def load(result: segment_plan.SegmentPlan) -> None:
     """kexec_load the planned segments, entering at the purgatory."""
     load_segments = []
     for seg in result.segments:
         if isinstance(seg.data, FileRange):
-            load_segments.append(kexec.LoadSegment(
+            load_segments.append(kexec_syscalls.LoadSegment(
                 address=seg.address, memsz=seg.memsz, fd=seg.data.fd,
                 offset=seg.data.offset, length=seg.data.length))
         else:
-            load_segments.append(kexec.LoadSegment(address=seg.address, memsz=seg.memsz,
+            load_segments.append(kexec_syscalls.LoadSegment(address=seg.address, memsz=seg.memsz,
                                                    data=bytes(seg.data)))
-    kexec.segment_load(result.entry, load_segments)
+    kexec_syscalls.segment_load(result.entry, load_segments)

@@ -1,0 +1,180 @@
+"""Proving a relaunch after the new boot (engine layer): pending record + facts → verdict.
+
+The daemon that starts after a hand-off finds `pending.json` and asks: is this the boot
+that was staged? Each check that fails adds one human-readable line to `mismatches`,
+and the relaunch is `verified` only when there are none:
+
+- the boot id changed (the machine did boot again);
+- /proc/cmdline is exactly the staged command line, which carries `relaunchd.id=<id>`
+  — the one fact only the staged image can bring along (a firmware reboot comes back
+  with the boot loader's command line);
+- when measured: the TPM was not reset in between (a kexec keeps the TPM's reset
+  counter, a firmware reboot increments it) and relaunchd's log replays to the PCR;
+- with a DRTM method: Secure Launch's securityfs is there, PCRs 17/18 left their
+  reset state (drtm.md §3.4, §4.1), the DRTM event log replays to PCRs 17 and 18, and
+  the events relaunchd's SLRT policy predicted at staging (kernel, initrd, command
+  line, INTEL_INFO into the sealing PCR; docs/slrt-policy.md) are in it with the
+  predicted digests, in order. SINIT's own events and MLE_HASH are not predicted
+  (drtm.md §4.5: they need a log of an earlier launch on the same machine), so the
+  proof of the whole PCR 17 value is the replay, not a precomputed number.
+
+Downtime is the hand-off to the moment the facts were read (this daemon starting);
+the kernel's start time (whole seconds, from /proc/stat btime) splits it into
+"going down + kexec" and "new kernel + userspace up to relaunchd". Both ends are wall
+clock: after a kexec the new kernel reads the RTC again, so the split is ±1 s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relaunchd.engine.machine import BootFacts
+from relaunchd.engine.state import PendingRecord, now
+from relaunchd.errors import InvalidEventLog
+from relaunchd.formats import eventlog
+from relaunchd.formats.slrt import SL_EVTYPE_SECURE_LAUNCH
+from relaunchd.platform.tpm import DRTM_PCRS
+from relaunchd.platform.tpm_extend_log import Verdict
+
+DRTM_METHODS = ("txt", "skinit")
+
+
+def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: Verdict | None,
+             reset_count: int | None, measurement_error: str | None = None) -> dict[str, Any]:
+    """The LastRelaunch record for the boot described by `facts`."""
+    mismatches: list[str] = []
+    if facts.boot_id is None:
+        mismatches.append("the boot id is unreadable")
+    elif facts.boot_id == pending.boot_id:
+        mismatches.append("the boot id did not change: no new boot")
+
+    running = (facts.cmdline or "").strip()
+    cmdline_ok = facts.cmdline is not None and running == pending.cmdline.strip()
+    if not cmdline_ok:
+        mismatches.append(f"/proc/cmdline is {running!r}, the staged command line is "
+                          f"{pending.cmdline.strip()!r}")
+
+    measurement = dict(pending.measurement)
+    measured = bool(measurement.get("measured"))
+    if measured:
+        before = measurement.get("reset_count")
+        if measurement_error is not None:
+            mismatches.append(f"the measurement cannot be checked: {measurement_error}")
+        elif reset_count is not None and before is not None and reset_count != before:
+            mismatches.append(f"the TPM was reset since the hand-off (reset count {before} → "
+                              f"{reset_count}): the machine rebooted through firmware")
+        elif verdict is not None and not verdict.ok:
+            mismatches.extend(verdict.mismatches)
+
+    drtm_method = pending.method in DRTM_METHODS
+    drtm = False
+    if drtm_method:
+        pcrs = facts.drtm_pcrs
+        if not facts.slaunch:
+            mismatches.append("no Secure Launch in this boot (/sys/kernel/security/slaunch "
+                              "is missing)")
+        if "error" in pcrs:
+            mismatches.append(f"PCRs 17/18 unreadable: {pcrs['error']}")
+        elif pcrs.get("reset_state", True):
+            mismatches.append("PCRs 17/18 are in their reset state: no dynamic launch")
+        log_problems, drtm_log = check_drtm_log(pending.predictions.get("drtm"), facts)
+        mismatches.extend(log_problems)
+        drtm = (facts.slaunch and not pcrs.get("reset_state", True) and "error" not in pcrs
+                and not log_problems)
+
+    handed_off = float(pending.handoff_at) if pending.handoff_at else None
+    downtime_ms = phases = None
+    if handed_off is not None and facts.now >= handed_off:
+        downtime_ms = round((facts.now - handed_off) * 1000)
+        if facts.kernel_started is not None and handed_off <= facts.kernel_started <= facts.now:
+            phases = {"down_ms": round((facts.kernel_started - handed_off) * 1000),
+                      "up_ms": round((facts.now - facts.kernel_started) * 1000)}
+
+    result = {
+        "id": pending.id,
+        "image": pending.path,
+        "method": pending.method,
+        "loader": pending.loader,
+        "handoff": pending.handoff,
+        "time": pending.time,
+        "concluded_at": now(),
+        "boot_id": facts.boot_id or "",
+        "previous_boot_id": pending.boot_id or "",
+        "cmdline": running,
+        "cmdline_matches": cmdline_ok,
+        "drtm": drtm,
+        "measured": measured,
+        "measurement": {**measurement, **({"verdict": {
+            "ok": verdict.ok, "expected": verdict.expected, "actual": verdict.actual}}
+            if verdict is not None else {})},
+        "verified": not mismatches,
+        "mismatches": mismatches,
+        "downtime_ms": downtime_ms,
+        "phases": phases or {},
+    }
+    if drtm_method:
+        result["drtm_log"] = drtm_log
+    return result
+
+
+def check_drtm_log(prediction: dict[str, Any] | None, facts: BootFacts
+                   ) -> tuple[list[str], dict[str, Any]]:
+    """Mismatches of the DRTM event log against the TPM and against the prediction, and
+    a summary for LastRelaunch."""
+    summary: dict[str, Any] = {"events": 0, "replays": False, "predicted": 0, "matched": 0}
+    if facts.drtm_log is None:
+        return [f"the DRTM event log is unreadable: {facts.drtm_log_error or 'absent'}"], \
+            summary
+    try:
+        records = eventlog.parse_log(facts.drtm_log, zero_tail=True).records
+    except InvalidEventLog as exc:
+        return [f"the DRTM event log is malformed: {exc}"], summary
+    summary["events"] = len(records)
+    problems: list[str] = []
+    pcrs = facts.drtm_pcrs
+    bank, values = pcrs.get("bank"), pcrs.get("values") or {}
+    if bank and values:
+        for pcr in DRTM_PCRS:
+            tpm_value = values.get(pcr)
+            try:
+                logged = eventlog.replay(records, bank, pcr).hex()
+            except (InvalidEventLog, ValueError) as exc:
+                problems.append(f"the DRTM event log cannot be replayed for PCR {pcr}: {exc}")
+                continue
+            if tpm_value is not None and logged != tpm_value:
+                problems.append(f"the DRTM event log does not replay to PCR {pcr} {bank}: the "
+                                f"log gives {logged}, the TPM has {tpm_value}")
+        summary["replays"] = not problems
+    if not prediction:
+        problems.append("no DRTM prediction was recorded at staging (not staged with the "
+                        "segment loader?)")
+        return problems, summary
+    expected = prediction.get("events") or []
+    summary["predicted"] = len(expected)
+    logged_events = [r for r in records if r.event_type == SL_EVTYPE_SECURE_LAUNCH]
+    cursor = 0
+    for event in expected:
+        pcr, label = int(event["pcr"]), str(event["label"])
+        found = None
+        while cursor < len(logged_events):
+            candidate = logged_events[cursor]
+            cursor += 1
+            if candidate.pcr == pcr and candidate.data.rstrip(b"\0").decode(
+                    "utf-8", "replace") == label:
+                found = candidate
+                break
+        if found is None:
+            problems.append(f"DRTM event {label!r} (PCR {pcr}) is not in the log where the "
+                            "SLRT policy puts it")
+            cursor = 0      # keep looking for the others from the start
+            continue
+        before = len(problems)
+        for digest_bank, want in (event.get("digests") or {}).items():
+            got = found.digest(digest_bank)
+            if got is None:
+                problems.append(f"DRTM event {label!r} has no {digest_bank} digest in the log")
+            elif got.hex() != want:
+                problems.append(f"DRTM event {label!r} (PCR {pcr}) {digest_bank} is {got.hex()}, "
+                                f"predicted {want}")
+        summary["matched"] += len(problems) == before
+    return problems, summary

@@ -1,0 +1,1 @@
+"""formats.x86 layer."""
