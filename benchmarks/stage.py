@@ -46,12 +46,12 @@ def initrd_range(image: Path) -> tuple[int, int]:
 
 def warm_prepare(image: Path, images: Path, cert: Path, runs: int) -> float:
     """Median time of staging.prepare() in this process after one warm-up run."""
-    from relaunchd.formats.authenticode import load_certificates
     from relaunchd.launch import staging
-    from relaunchd.platform import sealed_memfd
+    from relaunchd.platform import image_files
+    from relaunchd.platform.trust_store import load_certificates
 
     options = staging.StageOptions(trusted=load_certificates([str(cert)]),
-                                   policy=sealed_memfd.ImagePolicy((str(images),)))
+                                   policy=image_files.ImagePolicy((str(images),)))
     times = []
     for _ in range(runs + 1):
         start = time.perf_counter()

@@ -14,10 +14,10 @@ import pytest
 
 from relaunchd.errors import InvalidImage, VerificationFailed
 from relaunchd.formats import cmdline, cpio
-from relaunchd.formats.authenticode import load_certificates
 from relaunchd.launch import staging
-from relaunchd.platform import sealed_memfd
+from relaunchd.platform import addon_files, image_files, sealed_memfd
 from relaunchd.platform.sysroot import SysRoot
+from relaunchd.platform.trust_store import load_certificates
 from support import ukibuild
 
 UCODE = b"GenuineIntel.bin microcode stand-in\n" * 3
@@ -66,7 +66,7 @@ def options(esp: Path, keys, **kw) -> staging.StageOptions:
     kw.setdefault("trusted", load_certificates([str(keys["db"].cert)]))
     platform = esp.parent / "platform"
     platform.mkdir(exist_ok=True)
-    return staging.StageOptions(policy=sealed_memfd.ImagePolicy((str(esp),)),
+    return staging.StageOptions(policy=image_files.ImagePolicy((str(esp),)),
                                 boot_partition=str(esp),
                                 root=SysRoot(str(platform)), **kw)
 
@@ -237,10 +237,9 @@ def test_cli_reports_addons(real_ukis, keys, esp, tmp_path, capsys):
 
 
 def test_global_addons_default_to_the_image_mount_point():
-    from relaunchd.formats import addons
 
-    assert addons.mount_point("/proc/cpuinfo") == "/proc"
-    assert addons.directories("/proc/cpuinfo", None) == [
+    assert addon_files.mount_point("/proc/cpuinfo") == "/proc"
+    assert addon_files.directories("/proc/cpuinfo", None) == [
         ("global", "/proc/loader/addons"), ("per-UKI", "/proc/cpuinfo.extra.d")]
 
 

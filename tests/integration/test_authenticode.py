@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from relaunchd.formats import authenticode, hashing, pe
+from relaunchd.platform import trust_store
 from support import ukibuild
 
 UKIS = ["minimal", "full", "modern", "multi", "signed", "signed-other", "signed-twice",
@@ -54,7 +55,7 @@ def signatures_of(path: Path) -> list[authenticode.Signature]:
 
 @pytest.fixture(scope="module")
 def trust(keys) -> dict[str, list]:
-    return {name: authenticode.load_certificates([str(k.cert)]) for name, k in keys.items()}
+    return {name: trust_store.load_certificates([str(k.cert)]) for name, k in keys.items()}
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -169,7 +170,7 @@ def test_debian_vmlinuz_trusted_signer_cert_matches_sbverify(debian_kernel, tmp_
     """Trusting the (non-self-signed) signer certificate itself verifies, as in sbverify."""
     [signature] = signatures_of(debian_kernel.vmlinuz)
     pem = _write_pem(tmp_path / "debian-signer.pem", signature.certificates[0])
-    report = verify_path(debian_kernel.vmlinuz, authenticode.load_certificates([str(pem)]))
+    report = verify_path(debian_kernel.vmlinuz, trust_store.load_certificates([str(pem)]))
     assert report.verified and report.verified_by == DEBIAN_SIGNER
     assert ukibuild.sbverify(debian_kernel.vmlinuz, pem)
 
@@ -179,7 +180,7 @@ def test_linux_section_payload_verifies_but_padded_does_not(real_ukis, debian_ke
     with the FileAlignment padding the kernel's Authenticode digest breaks."""
     [signature] = signatures_of(debian_kernel.vmlinuz)
     signer_pem = _write_pem(tmp_path / "signer.pem", signature.certificates[0])
-    trusted = authenticode.load_certificates([str(signer_pem)])
+    trusted = trust_store.load_certificates([str(signer_pem)])
     with opened(real_ukis["signed"]) as (fd, headers):
         linux = next(s for s in headers.sections if s.name == ".linux")
         assert linux.raw_size > linux.payload_size, "Debian's kernel is not FileAlignment-sized"
@@ -304,7 +305,7 @@ CHAIN_CASES = [
 @pytest.mark.parametrize(("image", "anchor", "verified", "oracle_agrees"), CHAIN_CASES)
 def test_chains_and_ecdsa(chain, keys, image, anchor, verified, oracle_agrees):
     cert = keys["db"].cert if anchor == "db" else chain[anchor]
-    report = verify_path(chain[image], authenticode.load_certificates([str(cert)]))
+    report = verify_path(chain[image], trust_store.load_certificates([str(cert)]))
     assert report.digest_ok == [True]
     assert report.signers == ["CN=relaunchd ec leaf"]
     assert report.verified is verified, report.reasons
@@ -331,18 +332,18 @@ def test_expired_certificate_is_accepted_like_sbverify(real_ukis, tmp_path):
                            ukibuild.SigningKey(tmp_path / "expired.key", pem, "CN=x"),
                            tmp_path / "expired.efi")
     assert ukibuild.sbverify(signed, pem)
-    report = verify_path(signed, authenticode.load_certificates([str(pem)]))
+    report = verify_path(signed, trust_store.load_certificates([str(pem)]))
     assert report.verified and report.verified_by == "CN=relaunchd expired"
 
 
 def test_trust_file_with_several_certificates(real_ukis, keys, tmp_path):
     bundle = tmp_path / "db-bundle.pem"
     bundle.write_bytes(keys["other"].cert.read_bytes() + keys["db"].cert.read_bytes())
-    trusted = authenticode.load_certificates([str(bundle)])
+    trusted = trust_store.load_certificates([str(bundle)])
     assert len(trusted) == 2
     assert verify_path(real_ukis["signed"], trusted).verified
     assert verify_path(real_ukis["signed-other"], trusted).verified
     der = tmp_path / "db.der"
     pem_cert = x509.load_pem_x509_certificate(keys["db"].cert.read_bytes())
     der.write_bytes(pem_cert.public_bytes(serialization.Encoding.DER))
-    assert verify_path(real_ukis["signed"], authenticode.load_certificates([str(der)])).verified
+    assert verify_path(real_ukis["signed"], trust_store.load_certificates([str(der)])).verified

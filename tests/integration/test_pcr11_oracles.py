@@ -22,7 +22,7 @@ import pytest
 
 from relaunchd.formats.image_report import inspect_image
 from relaunchd.formats.pcr11 import BANKS, DEFAULT_PHASES
-from relaunchd.formats.uki import open_image
+from relaunchd.platform.image_files import open_image
 from support import ukibuild
 from support.swtpm import running_swtpm
 

@@ -15,11 +15,11 @@ import pytest
 
 from relaunchd.errors import InvalidImage, KexecFailed, NotReady, VerificationFailed
 from relaunchd.formats import cpio
-from relaunchd.formats.authenticode import load_certificates
 from relaunchd.formats.pe import FileRange
 from relaunchd.launch import staging
-from relaunchd.platform import sealed_memfd
+from relaunchd.platform import image_files, sealed_memfd
 from relaunchd.platform.sysroot import SysRoot
+from relaunchd.platform.trust_store import load_certificates
 from support.memmaps import QEMU_2G, write_memmap
 
 
@@ -38,7 +38,7 @@ def options(image_dir: Path, keys, **kw) -> staging.StageOptions:
     kw.setdefault("trusted", load_certificates([str(keys["db"].cert)]))
     root = image_dir.parent / "platform"
     root.mkdir(exist_ok=True)
-    return staging.StageOptions(policy=sealed_memfd.ImagePolicy((str(image_dir),)),
+    return staging.StageOptions(policy=image_files.ImagePolicy((str(image_dir),)),
                                 root=SysRoot(str(root)), **kw)
 
 

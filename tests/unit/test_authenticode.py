@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from relaunchd.errors import InvalidArgument, InvalidImage
 from relaunchd.formats import authenticode, pe
+from relaunchd.platform import trust_store
 from support import ukibuild
 
 SPC_INDIRECT_DATA_OID = bytes.fromhex("060a2b0601040182370201 04".replace(" ", ""))
@@ -59,7 +60,7 @@ def signed(tmp_path_factory, keys) -> Signed:
 
 @pytest.fixture(scope="module")
 def trusted(keys) -> list:
-    return authenticode.load_certificates([str(keys["db"].cert)])
+    return trust_store.load_certificates([str(keys["db"].cert)])
 
 
 def entries(table: bytes) -> list[tuple[int, int]]:
@@ -357,12 +358,12 @@ def test_load_certificates_pem_bundle_and_der(keys, tmp_path):
     bundle = tmp_path / "bundle.pem"
     pems = keys["db"].cert.read_bytes() + keys["other"].cert.read_bytes()
     bundle.write_bytes(b"comment\n" + pems)
-    certs = authenticode.load_certificates([str(bundle)])
+    certs = trust_store.load_certificates([str(bundle)])
     assert [c.subject.rfc4514_string() for c in certs] == [keys["db"].subject,
                                                             keys["other"].subject]
     der = tmp_path / "db.der"
     der.write_bytes(certs[0].public_bytes(serialization.Encoding.DER))
-    assert authenticode.load_certificates([str(der), str(bundle)])[0] == certs[0]
+    assert trust_store.load_certificates([str(der), str(bundle)])[0] == certs[0]
 
 
 @pytest.mark.parametrize(("content", "fragment"), [
@@ -376,14 +377,14 @@ def test_load_certificates_bad_files(tmp_path, content, fragment):
     path = tmp_path / "bad.pem"
     path.write_bytes(content)
     with pytest.raises(InvalidArgument) as info:
-        authenticode.load_certificates([str(path)])
+        trust_store.load_certificates([str(path)])
     assert fragment in str(info.value) and str(path) in str(info.value)
 
 
 def test_load_certificates_missing_file(tmp_path):
     path = Path(tmp_path / "nope.pem")
     with pytest.raises(InvalidArgument, match="cannot read certificate"):
-        authenticode.load_certificates([str(path)])
+        trust_store.load_certificates([str(path)])
 
 
 def test_rfc4514_escaping(signed):

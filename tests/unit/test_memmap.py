@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from relaunchd.errors import InvalidArgument, Unsupported
 from relaunchd.formats.x86 import boot_params as bp
-from relaunchd.platform import memory_map as mm
+from relaunchd.formats.x86 import memory_ranges as mm
+from relaunchd.platform.memory_map import read_memmap
 from relaunchd.platform.sysroot import SysRoot
 from support.memmaps import QEMU_2G, write_memmap
 
@@ -56,15 +57,15 @@ def test_parse_errors():
 
 def test_read_memmap_through_sysroot(tmp_path):
     write_memmap(tmp_path, QEMU_2G)
-    assert mm.read_memmap(SysRoot(str(tmp_path))) == mm.parse_memmap(QEMU_2G)
+    assert read_memmap(SysRoot(str(tmp_path))) == mm.parse_memmap(QEMU_2G)
 
 
 def test_read_memmap_missing(tmp_path):
     with pytest.raises(Unsupported, match="CONFIG_FIRMWARE_MEMMAP"):
-        mm.read_memmap(SysRoot(str(tmp_path)))
+        read_memmap(SysRoot(str(tmp_path)))
     (tmp_path / "sys/firmware/memmap/0").mkdir(parents=True)
     with pytest.raises(Unsupported, match="start"):
-        mm.read_memmap(SysRoot(str(tmp_path)))
+        read_memmap(SysRoot(str(tmp_path)))
 
 
 # --------------------------------------------------------------------------- allocator

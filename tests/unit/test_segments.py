@@ -14,8 +14,8 @@ import pytest
 from relaunchd.errors import InvalidArgument
 from relaunchd.formats.pe import FileRange
 from relaunchd.formats.x86 import boot_params as bp
+from relaunchd.formats.x86 import memory_ranges as mm
 from relaunchd.formats.x86 import segment_plan as sg
-from relaunchd.platform import memory_map as mm
 from support.memmaps import QEMU_2G
 
 MiB = 1 << 20

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relaunchd.errors import InvalidArgument, InvalidImage
-from relaunchd.formats.uki import open_image
+from relaunchd.platform.image_files import open_image
 from support import ukibuild
 
 

@@ -9,6 +9,7 @@ from relaunchd.cli import EXIT_INVALID, EXIT_OK
 from relaunchd.cli.output import human_size, print_json, progress_printer
 from relaunchd.errors import RelaunchError
 from relaunchd.formats import pcr11
+from relaunchd.platform import trust_store
 
 
 def register(subparsers) -> None:
@@ -31,14 +32,13 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from relaunchd.formats.image_report import inspect_image
-    from relaunchd.formats.uki import open_image
+    from relaunchd.platform.image_files import open_image
 
     banks = tuple(b for b in pcr11.BANKS if b in (args.banks or pcr11.BANKS))
     trusted = []
     if args.cert:
-        from relaunchd.formats import authenticode
 
-        trusted = authenticode.load_certificates(args.cert)
+        trusted = trust_store.load_certificates(args.cert)
     results: list[dict] = []
     status = EXIT_OK
     for path in args.images:

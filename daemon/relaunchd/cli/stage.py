@@ -12,6 +12,7 @@ import sys
 from relaunchd.cli import EXIT_OK
 from relaunchd.cli.output import human_size, print_json, progress_printer
 from relaunchd.errors import InvalidArgument
+from relaunchd.platform import image_files
 
 
 def register(subparsers) -> None:
@@ -88,7 +89,6 @@ def run_stage(args: argparse.Namespace) -> int:
             return busclient.stage(args)
     args.method = args.method or "kexec"
     from relaunchd.launch import staging
-    from relaunchd.platform import sealed_memfd
     from relaunchd.platform.sysroot import SysRoot
 
     if args.output and not args.dry_run:
@@ -103,9 +103,9 @@ def run_stage(args: argparse.Namespace) -> int:
         dl_handler=args.dl_handler, addons=not args.no_addons,
         boot_partition=args.boot_partition)
     if args.image_dir:
-        options.policy = sealed_memfd.ImagePolicy(tuple(args.image_dir), args.follow_symlinks)
+        options.policy = image_files.ImagePolicy(tuple(args.image_dir), args.follow_symlinks)
     elif args.follow_symlinks:
-        options.policy = sealed_memfd.ImagePolicy(staging.DEFAULT_IMAGE_DIRS, True)
+        options.policy = image_files.ImagePolicy(image_files.DEFAULT_IMAGE_DIRS, True)
     show = progress_printer(f"staging {args.image}")
     staged = staging.prepare(args.image, options,
                              progress=(lambda _step, d, t: show(d, t)) if show else None)

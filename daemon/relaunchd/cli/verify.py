@@ -6,6 +6,7 @@ import argparse
 
 from relaunchd.cli import EXIT_FAILED, EXIT_OK
 from relaunchd.cli.output import print_json
+from relaunchd.platform import trust_store
 
 
 def register(subparsers) -> None:
@@ -26,9 +27,9 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from relaunchd.formats import authenticode
-    from relaunchd.formats.uki import open_image
+    from relaunchd.platform.image_files import open_image
 
-    trusted = authenticode.load_certificates(args.cert)
+    trusted = trust_store.load_certificates(args.cert)
     with open_image(args.image, follow_symlinks=args.follow_symlinks) as image:
         report = authenticode.verify_file(image.fd, image.headers, trusted)
     if args.json:

@@ -26,7 +26,7 @@ import yaml
 
 from relaunchd.errors import ConfigError
 from relaunchd.formats.pcr11 import BANKS
-from relaunchd.launch.staging import DEFAULT_IMAGE_DIRS
+from relaunchd.platform.image_files import DEFAULT_IMAGE_DIRS
 from relaunchd.platform.readiness import ProbeConfig
 
 DEFAULT_PATH = "/etc/relaunchd/relaunchd.yaml"

@@ -48,7 +48,7 @@ from relaunchd.errors import (
     VerificationFailed,
 )
 from relaunchd.launch import staging
-from relaunchd.platform import quiesce, readiness, sealed_memfd
+from relaunchd.platform import image_files, quiesce, readiness
 from relaunchd.platform.sysroot import SysRoot
 
 __all__ = ["Engine", "Platform", "probe_config_for"]
@@ -193,9 +193,9 @@ class Engine:
     def inspect(self, path: str, profile: int | None = None) -> dict:
         """The full report of one image (`relaunchctl inspect --json`). The
         adapter authorizes the caller: this reads any path root can read."""
-        from relaunchd.formats import image_report, uki
+        from relaunchd.formats import image_report
 
-        with uki.open_image(path) as image:
+        with image_files.open_image(path) as image:
             report = image_report.inspect_image(image, profile=profile,
                                               banks=self._config.measurement.banks,
                                               trusted=self._trusted())
@@ -274,8 +274,8 @@ class Engine:
         if not trusted:
             raise VerificationFailed("no trusted certificates configured (trust.certificates "
                                      "in the configuration); refusing to stage")
-        policy = sealed_memfd.ImagePolicy(tuple(cfg.image_dirs))
-        sealed_memfd.check_location(path, policy)          # InvalidImage now, not from the worker
+        policy = image_files.ImagePolicy(tuple(cfg.image_dirs))
+        image_files.check_location(path, policy)          # InvalidImage now, not from the worker
         options = staging.StageOptions(
             method=chosen, profile=profile, custom_cmdline=cmdline,
             append=[*cfg.cmdline.append, *append], trusted=trusted, policy=policy,
@@ -313,7 +313,7 @@ class Engine:
         paths = self._config.trust.certificates
         if not paths:
             return []
-        from relaunchd.formats.authenticode import load_certificates
+        from relaunchd.platform.trust_store import load_certificates
 
         return load_certificates(paths)
 
@@ -744,13 +744,12 @@ class Engine:
     # ------------------------------------------------------------ internals
 
     def _describe_image(self, path: str) -> dict:
-        from relaunchd.formats import uki
 
         entry: dict[str, Any] = {"path": path}
         try:
             st = os.stat(path, follow_symlinks=False)
             entry.update(size=st.st_size, mtime=int(st.st_mtime))
-            with uki.open_image(path) as image:
+            with image_files.open_image(path) as image:
                 resolved = image.resolve(None)
                 osrel = image.os_release(resolved)
                 entry.update(
@@ -758,8 +757,8 @@ class Engine:
                     uname=image.uname(resolved) or "",
                     signed=bool(image.headers.cert_table_size),
                     profiles=len(image.profiles))
-            policy = sealed_memfd.ImagePolicy(tuple(self._config.image_dirs))
-            sealed_memfd.check_location(path, policy)
+            policy = image_files.ImagePolicy(tuple(self._config.image_dirs))
+            image_files.check_location(path, policy)
         except (InvalidImage, InvalidArgument, OSError) as exc:
             entry["error"] = str(exc)
         return entry

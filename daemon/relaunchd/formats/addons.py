@@ -16,7 +16,8 @@ Facts (uki.md §1.5, §5.1–§5.2; systemd stub.c load_all_addons/load_addons):
 
 Where the stub ignores an add-on it cannot verify and boots on, relaunchd refuses to
 stage: a relaunch that silently lost an add-on would not be the boot the admin set
-up. Every add-on is read through a sealed memfd copy, like the UKI (`sealed`).
+up. Every add-on is read through a sealed memfd copy, like the UKI (`platform.addon_files`
+finds and copies them).
 """
 
 from __future__ import annotations
@@ -27,13 +28,7 @@ from dataclasses import dataclass, field
 from relaunchd.errors import InvalidImage, VerificationFailed
 from relaunchd.formats import pe, signature_report, uki
 from relaunchd.formats.initrd import InitrdPart
-from relaunchd.platform import sealed_memfd
 
-GLOBAL_DIR = "loader/addons"
-PER_UKI_SUFFIX = ".extra.d"
-SUFFIX = ".addon.efi"
-NAME_MAX = 255
-MAX_ADDONS = 128                   # per directory; far beyond any real setup
 CMDLINE_SINCE = 254                # systemd version that first applies .cmdline add-ons
 INITRD_SINCE = 257                 # ... and .initrd / .ucode add-ons
 EFFECTIVE = (".cmdline", ".dtb", ".dtbauto", ".initrd", ".ucode")
@@ -54,6 +49,21 @@ class Addon:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    @classmethod
+    def from_fd(cls, fd: int, path: str, scope: str) -> Addon:
+        """Parse an add-on already copied into (sealed) memory; the fd becomes the
+        add-on's and is closed with it."""
+        size = os.fstat(fd).st_size
+        try:
+            headers = pe.parse_headers(pe.FileRange(fd, 0, size))
+        except InvalidImage as exc:
+            raise InvalidImage(f"add-on {path}: {exc}") from None
+        uki.require_machine(headers, f"add-on {path}")
+        sections: dict[str, pe.PeSection] = {}
+        for section in headers.sections:
+            sections.setdefault(section.name, section)
+        return cls(path=path, scope=scope, fd=fd, headers=headers, sections=sections)
 
     def has(self, name: str) -> bool:
         """Present and not empty: the stub treats a 0-size section as absent."""
@@ -98,89 +108,6 @@ class Selection:
     notes: list[str] = field(default_factory=list)
     # path -> the sections used from it
     used: dict[str, list[str]] = field(default_factory=dict)
-
-
-def directories(image_path: str, boot_partition: str | None) -> list[tuple[str, str]]:
-    """(scope, directory) in the stub's order. `boot_partition` is the root of the
-    partition the UKI is booted from; None: the mount point holding the image."""
-    real = os.path.realpath(image_path)
-    root = boot_partition if boot_partition is not None else mount_point(real)
-    return [("global", os.path.join(root, GLOBAL_DIR)), ("per-UKI", real + PER_UKI_SUFFIX)]
-
-
-def mount_point(path: str) -> str:
-    """The top of the file system holding `path` (where st_dev changes going up)."""
-    current = os.path.dirname(path)
-    try:
-        dev = os.stat(current).st_dev
-        while current != "/":
-            parent = os.path.dirname(current)
-            if os.stat(parent).st_dev != dev:
-                break
-            current = parent
-    except OSError as exc:
-        raise InvalidImage(f"{path}: cannot find its file system's root: {exc.strerror}"
-                           ) from None
-    return current
-
-
-def candidates(directory: str) -> list[str]:
-    """The entries of one add-on directory the stub would try, sorted as it sorts."""
-    try:
-        entries = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except OSError as exc:
-        raise InvalidImage(f"{directory}: cannot list add-ons: {exc.strerror}") from None
-    names = sorted(
-        n for n in entries
-        if not n.startswith(".") and n.isascii() and len(n) <= NAME_MAX
-        and n.lower().endswith(SUFFIX) and not os.path.isdir(os.path.join(directory, n)))
-    if len(names) > MAX_ADDONS:
-        raise InvalidImage(f"{directory}: {len(names)} add-ons; at most {MAX_ADDONS} are "
-                           "taken")
-    # strcmp16 on ASCII names orders as Python's code-point sort does.
-    return [os.path.join(directory, n) for n in names]
-
-
-def discover(image_path: str, policy: sealed_memfd.ImagePolicy,
-             boot_partition: str | None = None) -> list[Addon]:
-    """Every add-on file the stub would try for this UKI, each copied into a sealed
-    memfd and its headers parsed. A file that cannot be read safely (location,
-    symlink, not a PE for this machine) is an error naming it."""
-    found: list[Addon] = []
-    try:
-        for scope, directory in directories(image_path, boot_partition):
-            for path in candidates(directory):
-                found.append(_load(path, scope, policy))
-    except BaseException:
-        for addon in found:
-            addon.close()
-        raise
-    return found
-
-
-def _load(path: str, scope: str, policy: sealed_memfd.ImagePolicy) -> Addon:
-    sealed_memfd.check_location(path, policy)
-    src = uki.open_regular(path, follow_symlinks=policy.follow_symlinks)
-    try:
-        fd = sealed_memfd.sealed_copy(src, f"addon:{os.path.basename(path)}")
-    finally:
-        os.close(src)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            headers = pe.parse_headers(pe.FileRange(fd, 0, size))
-        except InvalidImage as exc:
-            raise InvalidImage(f"add-on {path}: {exc}") from None
-        uki.require_machine(headers, f"add-on {path}")
-        sections: dict[str, pe.PeSection] = {}
-        for section in headers.sections:
-            sections.setdefault(section.name, section)
-        return Addon(path=path, scope=scope, fd=fd, headers=headers, sections=sections)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def select(found: list[Addon], *, stub_major: int | None, uki_uname: str | None) -> Selection:

@@ -44,7 +44,8 @@ Known differences from sbverify 0.9.4 on OpenSSL 3 [V, integration tests]:
   at every signature (sbsign gives all signatures of a file the same digest).
 
 Everything here is a pure function of its inputs; the only I/O is reading the
-given byte range of an already-open file (and `load_certificates`' files).
+given byte range of an already-open file (and certificates given as bytes;
+`platform.trust_store` reads them from files).
 """
 
 from __future__ import annotations
@@ -413,25 +414,12 @@ def _escape(value: str) -> str:
 # --------------------------------------------------------------------------- trust
 
 
-def load_certificates(paths: Iterable[str]) -> list[x509.Certificate]:
-    """Trusted certificates from PEM (several per file allowed) or DER files."""
-    trusted: list[x509.Certificate] = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(1 << 20)
-        except OSError as exc:
-            raise InvalidArgument(f"{path}: cannot read certificate: {exc.strerror}") from None
-        trusted += _certificates_from(path, data)
-    return trusted
-
-
 _PEM_CERT = re.compile(
     rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----(.*?)-----END (?:X509 |TRUSTED )?"
     rb"CERTIFICATE-----", re.S)
 
 
-def _certificates_from(path: str, data: bytes) -> list[x509.Certificate]:
+def certificates_from(path: str, data: bytes) -> list[x509.Certificate]:
     if b"-----BEGIN" in data:
         blocks = _PEM_CERT.findall(data)
         if not blocks:
@@ -632,7 +620,16 @@ def _issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 __all__ = [
-    "Signature", "SignatureReport", "SignatureSummary", "compute_digests", "digest_ranges",
-    "digest_sinks", "inspect_signatures", "load_certificates", "parse_signatures",
-    "read_signatures", "verify", "verify_file",
+    "Signature",
+    "SignatureReport",
+    "SignatureSummary",
+    "certificates_from",
+    "compute_digests",
+    "digest_ranges",
+    "digest_sinks",
+    "inspect_signatures",
+    "parse_signatures",
+    "read_signatures",
+    "verify",
+    "verify_file",
 ]

@@ -12,10 +12,8 @@ it (see `hashing`).
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import stat
 from dataclasses import dataclass
 
 from relaunchd.errors import InvalidArgument, InvalidImage
@@ -238,55 +236,6 @@ def _slice_profiles(
     return base, profiles
 
 
-def open_image(
-    path: str,
-    *,
-    follow_symlinks: bool = False,
-    machine: int | None = None,
-    confirm: bool = True,
-) -> UkiImage:
-    """Open a UKI file safely: regular files only, no symlinks unless asked,
-    never blocking on a FIFO, never opening a device. `confirm=False` defers the
-    pefile cross-check to `UkiImage.confirm_headers()` (inspect_image runs it while
-    it hashes)."""
-    fd = open_regular(path, follow_symlinks=follow_symlinks)
-    try:
-        return from_fd(fd, path, machine=machine, owns_fd=True, confirm=confirm)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def open_regular(path: str, *, follow_symlinks: bool = False) -> int:
-    """A read-only descriptor of a regular file (the caller closes it): no symlinks
-    unless asked, never blocking on a FIFO, never opening a device."""
-    try:
-        st = os.stat(path, follow_symlinks=follow_symlinks)
-    except FileNotFoundError:
-        raise InvalidImage(f"{path}: no such file") from None
-    except PermissionError:
-        raise InvalidImage(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise InvalidImage(f"{path}: cannot stat: {exc.strerror}") from None
-    _require_regular(path, st.st_mode)
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InvalidImage(f"{path}: is a symbolic link (refused)") from None
-        raise InvalidImage(f"{path}: cannot open: {exc.strerror}") from None
-    try:
-        # Re-check on the descriptor: the path may have been swapped meanwhile.
-        _require_regular(path, os.fstat(fd).st_mode)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def from_fd(fd: int, path: str, *, machine: int | None = None,
             owns_fd: bool = False, confirm: bool = True,
             detached: pe.DetachedRange | None = None) -> UkiImage:
@@ -314,19 +263,3 @@ def require_machine(headers: pe.PeHeaders, path: str, machine: int | None = None
             f"{path}: built for {headers.machine_name}, not for "
             f"{pe.MACHINES.get(want, hex(want))}"
         )
-
-
-def _require_regular(path: str, mode: int) -> None:
-    kinds = (
-        (stat.S_ISLNK, "a symbolic link (refused)"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    )
-    for test, what in kinds:
-        if test(mode):
-            raise InvalidImage(f"{path}: is {what}, not a regular file")
-    if not stat.S_ISREG(mode):
-        raise InvalidImage(f"{path}: is not a regular file")

@@ -47,10 +47,9 @@ from relaunchd.formats import hashing, initrd, pe, uki
 from relaunchd.formats.image_report import ImageReport, inspect_image
 from relaunchd.formats.pe import FileRange
 from relaunchd.formats.x86 import boot_params
-from relaunchd.platform import kexec_syscalls, sealed_memfd
+from relaunchd.platform import addon_files, image_files, kexec_syscalls, sealed_memfd
 from relaunchd.platform.sysroot import SysRoot
 
-DEFAULT_IMAGE_DIRS = ("/boot", "/efi", "/boot/efi", "/usr/lib/kernel", "/var/lib/relaunchd/images")
 ID_ARGUMENT = "relaunchd.id"
 
 
@@ -60,11 +59,11 @@ class StageOptions:
     profile: int | None = None
     custom_cmdline: str | None = None
     append: list[str] = field(default_factory=list)
-    trusted: list = field(default_factory=list)      # authenticode.load_certificates()
+    trusted: list = field(default_factory=list)      # trust_store.load_certificates()
     certificate_files: list[str] = field(default_factory=list)  # loaded while copying
     allow_unsigned: bool = False                     # explicit, insecure
-    policy: sealed_memfd.ImagePolicy = field(
-        default_factory=lambda: sealed_memfd.ImagePolicy(DEFAULT_IMAGE_DIRS))
+    policy: image_files.ImagePolicy = field(
+        default_factory=lambda: image_files.ImagePolicy(image_files.DEFAULT_IMAGE_DIRS))
     relaunch_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     add_id_argument: bool = True
     banks: tuple[str, ...] = ("sha256",)
@@ -163,9 +162,9 @@ def prepare(path: str, options: StageOptions,
     opened: list[Blob] = []
     found: list[addon_rules.Addon] = []
     try:
-        sealed_memfd.check_location(path, options.policy)
+        image_files.check_location(path, options.policy)
         if options.addons:
-            found = addon_rules.discover(path, options.policy, options.boot_partition)
+            found = addon_files.discover(path, options.policy, options.boot_partition)
         image_blob, detached = _sealed_image(path, options, found)
         opened.append(image_blob)
         initrd_blob = None
@@ -363,12 +362,13 @@ class _Preload:
             import pefile  # noqa: F401  (for the header cross-check)
 
             if self._signed:
-                from relaunchd.formats import authenticode
+                from relaunchd.formats import authenticode  # noqa: F401  (cryptography)
+                from relaunchd.platform import trust_store
         except ImportError:
             return    # the import where it is needed reports it
         if self._files:
             try:
-                self._trusted += authenticode.load_certificates(self._files)
+                self._trusted += trust_store.load_certificates(self._files)
             except BaseException as exc:  # re-raised by certificates()
                 self._error = exc
 
@@ -386,7 +386,7 @@ def _sealed_image(path: str, options: StageOptions, found: list[addon_rules.Addo
     (the image copy has a hole there; see `split_copy`)."""
     # Only to refuse a non-UKI before copying it and to find `.initrd`; the sealed
     # copy is what gets checked.
-    with uki.open_image(path, follow_symlinks=options.policy.follow_symlinks,
+    with image_files.open_image(path, follow_symlinks=options.policy.follow_symlinks,
                         confirm=False) as original:
         split = _detachable_initrd(original, options.profile, found)
         fd, part = sealed_memfd.split_copy(original.fd, os.path.basename(path), original.size,

@@ -17,48 +17,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
-from dataclasses import dataclass
 
 from relaunchd.errors import InvalidImage
 
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
-
-
-@dataclass(frozen=True)
-class ImagePolicy:
-    """Where images may come from. Each allowed directory is trusted as
-    configured; below it, nothing on the path may be writable by non-root."""
-
-    allowed_dirs: tuple[str, ...]
-    follow_symlinks: bool = False
-
-
-def check_location(path: str, policy: ImagePolicy) -> str:
-    """The resolved path if it lies inside an allowed directory and no
-    component below that directory is writable by anyone but root."""
-    real = os.path.realpath(path)
-    if not policy.follow_symlinks and os.path.islink(path):
-        raise InvalidImage(f"{path}: is a symbolic link (refused)")
-    for allowed in policy.allowed_dirs:
-        base = os.path.realpath(allowed)
-        if real == base or not real.startswith(base.rstrip("/") + "/"):
-            continue
-        current = real
-        while True:
-            try:
-                st = os.lstat(current)
-            except OSError as exc:
-                raise InvalidImage(f"{path}: cannot check {current}: {exc.strerror}") from None
-            if st.st_uid != 0:
-                raise InvalidImage(f"{path}: {current} is owned by uid {st.st_uid}, not root")
-            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                raise InvalidImage(f"{path}: {current} is writable by non-root users")
-            if current == base:
-                return real
-            current = os.path.dirname(current)
-    raise InvalidImage(f"{path}: not inside an allowed image directory "
-                       f"({', '.join(policy.allowed_dirs) or 'none configured'})")
 
 
 def create(name: str) -> int:

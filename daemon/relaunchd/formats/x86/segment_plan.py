@@ -39,8 +39,7 @@ from relaunchd.errors import InvalidArgument
 from relaunchd.formats import hashing
 from relaunchd.formats.pe import FileRange
 from relaunchd.formats.x86 import boot_params as bp
-from relaunchd.formats.x86.purgatory import build_purgatory, kernel_entry
-from relaunchd.platform.memory_map import (
+from relaunchd.formats.x86.memory_ranges import (
     FOUR_GIB,
     PAGE,
     Allocator,
@@ -49,6 +48,7 @@ from relaunchd.platform.memory_map import (
     Placement,
     check_placements,
 )
+from relaunchd.formats.x86.purgatory import build_purgatory, kernel_entry
 
 Source = bytes | FileRange
 KEXEC_SEGMENT_MAX = 16       # include/linux/kexec.h
