@@ -31,8 +31,10 @@ from support.dbus_harness import Daemon, PrivateBus  # noqa: E402
 
 CLIENT = r"""
 import json, sys, time
-from relaunchd import bus
-client = bus.Client(address=sys.argv[1])
+from relaunchd.bus import client as bus_client
+from relaunchd.bus import error_names, names
+from relaunchd.errors import AccessDenied, NoDaemon
+client = bus_client.Client(address=sys.argv[1])
 mode, n = sys.argv[2], int(sys.argv[3])
 if mode == "count":
     start = time.perf_counter()
@@ -152,10 +154,10 @@ def main() -> int:
                     [str(REPO / ".venv/bin/python"), "-c", CLIENT, bus.address, "latency", "0"],
                     env=bus.env(), stdout=subprocess.PIPE, text=True)
                 time.sleep(0.5)
-                from relaunchd import bus as relaunchd_bus
+                from relaunchd.bus.client import Client as RelaunchdClient
 
                 started = time.perf_counter()
-                relaunchd_bus.Client(address=bus.address).call("Stage",
+                RelaunchdClient(address=bus.address).call("Stage",
                                                                str(images / "big.efi"))
                 out, _ = sampler.communicate(timeout=900)
                 took = time.perf_counter() - started

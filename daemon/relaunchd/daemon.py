@@ -140,11 +140,13 @@ class Journal:
 
 
 def serve(config: Any) -> int:
-    from relaunchd import bus
+    from relaunchd.bus import mainloop
+    from relaunchd.bus.names import BUS_NAME
+    from relaunchd.bus.service import Service
 
     try:
-        connection = bus.system_bus()
-    except bus.FAILURES as exc:
+        connection = mainloop.system_bus()
+    except mainloop.FAILURES as exc:
         print(f"relaunchd: no system bus: {exc}", file=sys.stderr)
         return EXIT_FAILED
     holder: dict[str, Any] = {}
@@ -155,17 +157,17 @@ def serve(config: Any) -> int:
             service.notify(names)
 
     engine = make_engine(config, notify)
-    service = bus.Service(engine, connection)
+    service = Service(engine, connection)
     holder["service"] = service
     journal = Journal(engine)
     service.on_change(journal)
-    loop = bus.main_loop()
+    loop = mainloop.main_loop()
     try:
         try:
             service.register()
             service.request_name()
-        except bus.FAILURES as exc:   # name taken, or the bus policy says no
-            print(f"relaunchd: cannot serve {bus.BUS_NAME}: {exc}", file=sys.stderr)
+        except mainloop.FAILURES as exc:   # name taken, or the bus policy says no
+            print(f"relaunchd: cannot serve {BUS_NAME}: {exc}", file=sys.stderr)
             return EXIT_FAILED
         if not service.leak_shim:
             log.info("GLib per-call unref shim not applied (GLib is not 2.74)")
@@ -177,14 +179,14 @@ def serve(config: Any) -> int:
             # (the relaunch id) reach the caller first.
             service.drain(STOP_DRAIN_SECONDS, loop.quit)
 
-        bus.on_unix_signal(signal.SIGTERM, stop)
-        bus.on_unix_signal(signal.SIGINT, stop)
+        mainloop.on_unix_signal(signal.SIGTERM, stop)
+        mainloop.on_unix_signal(signal.SIGINT, stop)
         watchdog = _watchdog_interval()
         if watchdog:
-            bus.every(watchdog, lambda: _notify("WATCHDOG=1"))
+            mainloop.every(watchdog, lambda: _notify("WATCHDOG=1"))
         journal({"State"})
         _notify(f"READY=1\nSTATUS={engine.state}")
-        log.info("relaunchd %s on the bus as %s, state %s", __version__, bus.BUS_NAME,
+        log.info("relaunchd %s on the bus as %s, state %s", __version__, BUS_NAME,
                  engine.state)
         loop.run()
     finally:

@@ -121,3 +121,26 @@ class RelaunchAborted(RelaunchError):
     """A relaunch ended before the hand-off (refused, interrupted, or the daemon was killed)."""
 
     name = "RelaunchAborted"
+
+
+class NoDaemon(RelaunchError):
+    """relaunchd is not on the bus (not running, not activatable, or no bus at all)."""
+
+    name = "NoDaemon"
+
+
+class AccessDenied(RelaunchError):
+    """The caller is not authorized (polkit, or the bus policy) for what it asked."""
+
+    name = "AccessDenied"
+
+
+def error_named(name: str) -> type[RelaunchError] | None:
+    """The error class whose `name` is `name` (a D-Bus reply or a LastError), if any."""
+    todo: list[type[RelaunchError]] = [RelaunchError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__ == __name__ and cls.name == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None

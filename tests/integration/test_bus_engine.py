@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relaunchd import bus
+from relaunchd.bus import client as bus_client
 from support.dbus_harness import VENV_BIN, Daemon, PrivateBus, relaunchctl
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -82,7 +82,7 @@ def test_bad_config_names_key_and_line(tmp_path):
 def test_missing_tpm_is_reported_not_fatal(private_bus, setup):
     d = start(private_bus, setup)
     try:
-        client = bus.Client(address=private_bus.address)
+        client = bus_client.Client(address=private_bus.address)
         props = client.properties()
         assert props["State"] == "idle"
         report = client.call("Check")
@@ -100,7 +100,7 @@ def test_kexec_syscall_fails_cleanly(private_bus, setup):
         r = relaunchctl(private_bus, "stage", str(setup["image"]))
         assert r.returncode == 1, r.stderr
         assert "KexecFailed:" in r.stderr
-        client = bus.Client(address=private_bus.address)
+        client = bus_client.Client(address=private_bus.address)
         props = client.properties()
         assert props["State"] == "failed"
         assert props["LastError"]["name"] == "KexecFailed"
@@ -112,13 +112,13 @@ def test_kexec_syscall_fails_cleanly(private_bus, setup):
 
 def test_sigkill_mid_staging_then_restart(private_bus, setup):
     d = start(private_bus, setup, FAKE_LOAD_DELAY="30", **FAKE_PLATFORM)
-    client = bus.Client(address=private_bus.address)
+    client = bus_client.Client(address=private_bus.address)
     client.call("Stage", str(setup["image"]))
     wait_for(client, lambda p: p["Progress"].get("step") == "loading")
     d.stop(signal.SIGKILL)
     d = start(private_bus, setup, **FAKE_PLATFORM)
     try:
-        client = bus.Client(address=private_bus.address)
+        client = bus_client.Client(address=private_bus.address)
         props = client.properties()
         assert props["State"] in ("idle", "failed") and props["StagedImage"] == {}
         assert not (setup["dir"] / "run" / "staged.json").exists()
@@ -134,7 +134,7 @@ def test_sigkill_when_staged_then_restart_and_relaunch(private_bus, setup):
     d.stop(signal.SIGKILL)
     d = start(private_bus, setup, **FAKE_PLATFORM)
     try:
-        client = bus.Client(address=private_bus.address)
+        client = bus_client.Client(address=private_bus.address)
         props = client.properties()
         assert props["State"] == "staged" and props["StagedImage"]["id"] == ident
         r = relaunchctl(private_bus, "relaunch", "--wait", "--json")
@@ -171,7 +171,7 @@ def test_corrupt_state_file(private_bus, setup):
     staged.write_text("{not json")
     d = start(private_bus, setup, **FAKE_PLATFORM)
     try:
-        client = bus.Client(address=private_bus.address)
+        client = bus_client.Client(address=private_bus.address)
         assert client.get("State") == "idle"
         assert not staged.exists()
         assert list(staged.parent.glob("staged.json.corrupt-*"))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from relaunchd import bus
-from relaunchd.errors import Busy, InvalidArgument, InvalidImage, NotStaged
+from relaunchd.bus import client as bus_client
+from relaunchd.bus import error_names, names
+from relaunchd.errors import AccessDenied, Busy, InvalidArgument, InvalidImage, NoDaemon, NotStaged
 from support.dbus_harness import (
     VENV_BIN,
     Daemon,
@@ -28,7 +29,7 @@ from support.dbus_harness import (
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runuser, bus policy)")
 
-MANAGER = bus.INTERFACE
+MANAGER = names.INTERFACE
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +59,11 @@ def daemon(private_bus, tmp_path, images):
 
 @pytest.fixture
 def client(private_bus, daemon):
-    return bus.Client(address=private_bus.address, timeout_ms=20_000)
+    return bus_client.Client(address=private_bus.address, timeout_ms=20_000)
 
 
 def gdbus(private_bus, *args: str, user: str | None = None) -> subprocess.CompletedProcess:
-    cmd = ["gdbus", "call", "--system", "-d", bus.BUS_NAME, "-o", bus.OBJECT_PATH, *args]
+    cmd = ["gdbus", "call", "--system", "-d", names.BUS_NAME, "-o", names.OBJECT_PATH, *args]
     if user:
         cmd = ["runuser", "-u", user, "--", *cmd]
     return subprocess.run(cmd, env=private_bus.env(), capture_output=True, text=True,
@@ -99,8 +100,8 @@ def test_every_property(client, private_bus):
 
 
 def test_introspection_is_the_shipped_xml(private_bus, daemon):
-    out = subprocess.run(["gdbus", "introspect", "--system", "-d", bus.BUS_NAME, "-o",
-                          bus.OBJECT_PATH, "--xml"], env=private_bus.env(),
+    out = subprocess.run(["gdbus", "introspect", "--system", "-d", names.BUS_NAME, "-o",
+                          names.OBJECT_PATH, "--xml"], env=private_bus.env(),
                          capture_output=True, text=True, timeout=20)
     for member in ("Check", "ListImages", "Inspect", "Stage", "Relaunch", "Cancel",
                    "GetHistory", "LastRelaunch", "CanRelaunch"):
@@ -159,7 +160,7 @@ def test_two_stages_at_once_one_busy(client, images, private_bus):
     results: list[object] = []
 
     def stage() -> None:
-        c = bus.Client(address=private_bus.address)
+        c = bus_client.Client(address=private_bus.address)
         try:
             results.append(c.call("Stage", str(images / "big.efi")))
         except Exception as exc:
@@ -302,7 +303,7 @@ def test_bus_policy_denies_nobody(private_bus, daemon):
     out = subprocess.run(
         ["runuser", "-u", "nobody", "--", "gdbus", "call", "--system", "-d",
          "org.freedesktop.DBus", "-o", "/org/freedesktop/DBus", "-m",
-         "org.freedesktop.DBus.RequestName", bus.BUS_NAME, "4"],
+         "org.freedesktop.DBus.RequestName", names.BUS_NAME, "4"],
         env=private_bus.env(), capture_output=True, text=True, timeout=20)
     assert out.returncode != 0 and "not allowed to own" in out.stderr
 
@@ -318,14 +319,14 @@ def test_polkit_decides(private_bus, daemon, client, images):
     mock = PolkitMock(private_bus).start()
     try:
         path = str(images / "a.efi")
-        with pytest.raises(bus.AccessDenied, match="not authorized"):
+        with pytest.raises(AccessDenied, match="not authorized"):
             client.call("Stage", path)                      # root too: polkit decides
         mock.allow("org.relaunchd.relaunch1.stage", "org.relaunchd.relaunch1.cancel")
         ident = client.call("Stage", path)
         assert wait_state(client, {"staged"}) == "staged"
-        with pytest.raises(bus.AccessDenied):
+        with pytest.raises(AccessDenied):
             client.call("Relaunch")
-        with pytest.raises(bus.AccessDenied):
+        with pytest.raises(AccessDenied):
             client.call("Inspect", path)
         r = relaunchctl(private_bus, "cancel", user="nobody")   # granted to everyone here
         assert r.returncode == 0, r.stderr
@@ -381,9 +382,9 @@ def test_version_and_check_config(tmp_path, images):
 
 
 def test_busy_maps_to_class():
-    assert isinstance(bus.client_error(_remote("org.relaunchd.Relaunch1.Error.Busy")), Busy)
-    assert isinstance(bus.client_error(_remote("org.freedesktop.DBus.Error.ServiceUnknown")),
-                      bus.NoDaemon)
+    assert isinstance(error_names.client_error(_remote("org.relaunchd.Relaunch1.Error.Busy")), Busy)
+    unknown = _remote("org.freedesktop.DBus.Error.ServiceUnknown")
+    assert isinstance(error_names.client_error(unknown), NoDaemon)
 
 
 def _remote(name: str):

@@ -1,7 +1,7 @@
 """What the bus-backed `relaunchctl` commands share: the connection, waiting on
 PropertiesChanged, exit codes and human formatting.
 
-The D-Bus binding itself stays in `relaunchd.bus` (`bus.Client`); this module only
+The D-Bus binding itself stays in `relaunchd.bus` (`bus.client.Client`); this module only
 turns its answers into terminal output.
 
 Exit codes of the bus commands (docs/dbus-api.md, "relaunchctl"):
@@ -22,7 +22,7 @@ from typing import Any
 
 from relaunchd.cli import EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, EXIT_OK
 from relaunchd.cli.output import human_size, print_json
-from relaunchd.errors import RelaunchError
+from relaunchd.errors import NoDaemon, RelaunchError, error_named
 
 INVALID = {"InvalidImage", "InvalidArgument", "InvalidConfig", "InvalidKernel", "InvalidTable"}
 INTERNAL = {"Internal"}
@@ -30,16 +30,16 @@ POLL = 1.0   # belt and braces if a signal is missed; the client, not the daemon
 
 
 def connect():
-    from relaunchd import bus
+    from relaunchd.bus.client import Client
 
-    return bus.Client()
+    return Client()
 
 
 def daemon_available() -> bool:
-    from relaunchd import bus
+    from relaunchd.bus.client import Client
 
     try:
-        return bus.Client(timeout_ms=5000).available()
+        return Client(timeout_ms=5000).available()
     except RelaunchError:
         return False
 
@@ -72,11 +72,9 @@ def interactive() -> bool:
 
 
 def error_from(last_error: dict, default: str = "Failed") -> RelaunchError:
-    from relaunchd import bus
-
     name = str(last_error.get("name") or default)
     message = str(last_error.get("message") or name)
-    cls = bus._error_classes().get(name)
+    cls = error_named(name)
     err = cls(message) if cls else RelaunchError(message)
     err.name = name
     return err
@@ -174,9 +172,7 @@ def _stage(args) -> int:
                 last_line = line
             changes = watch.next(POLL)
             if watch.gone:
-                from relaunchd import bus
-
-                raise bus.NoDaemon("relaunchd left the bus while staging")
+                raise NoDaemon("relaunchd left the bus while staging")
             if changes:
                 for change in changes:
                     props.update(change)

@@ -1,0 +1,329 @@
+"""`org.relaunchd.Relaunch1` on the system bus: a thin skin over the engine.
+
+The service translates arguments, authorizes (`polkit`), runs the engine call off the main
+loop, and translates results and errors back. The engine speaks its own vocabulary; the
+mapping of its change names to D-Bus properties lives here (`PROPERTY_OF`).
+
+Why Gio's `register_object` instead of pydbus's `publish`: pydbus replies synchronously from
+the handler (no deferred replies, pydbus#58) and names errors after the Python class.
+Registering the closure ourselves — the same call pydbus makes — lets every engine call and
+every polkit check run off the main loop and reply later, map errors by name, and neutralise
+the GLib 2.74 per-call leak in one place (`glib_leak`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from gi.repository import Gio, GLib
+
+from relaunchd.bus import polkit
+from relaunchd.bus.error_names import dbus_error
+from relaunchd.bus.glib_leak import InvocationUnref
+from relaunchd.bus.names import (
+    ACTION_PREFIX,
+    BUS_NAME,
+    DBUS_ERROR,
+    INTERFACE,
+    OBJECT_PATH,
+    PROPERTIES_IFACE,
+    introspection_xml,
+)
+from relaunchd.bus.variants import absolute_path, property_variant, to_vardict, validate_options
+from relaunchd.errors import InvalidArgument, RelaunchError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 0.1                          # at most 10 Progress signals a second
+
+
+# method → (polkit action or None, option schema)
+_METHODS: dict[str, tuple[str | None, dict[str, type]]] = {
+    "Check": (None, {"method": str}),
+    "ListImages": (None, {}),
+    "Inspect": ("inspect", {"profile": int}),
+    "Stage": ("stage", {"profile": int, "method": str, "cmdline": str, "append": list,
+                        "loader": str}),
+    "Relaunch": ("relaunch", {"force": bool, "immediate": bool}),
+    "Rehearse": ("relaunch", {}),
+    "Cancel": ("cancel", {}),
+    "GetHistory": (None, {"limit": int}),
+}
+
+
+class Service:
+    """`/org/relaunchd/Relaunch1` over an engine with the `engine.Engine` surface.
+
+    Threads: the GLib main loop owns the connection and every reply; engine calls run
+    in `_pool` (engine methods may take ~0.5 s or block on the engine's lock); the
+    engine's `notify` may come from any thread and is marshalled with `GLib.idle_add`.
+    """
+
+    def __init__(self, engine: Any, connection: Gio.DBusConnection, *,
+                 workers: int = 4) -> None:
+        self.engine = engine
+        self._con = connection
+        node = Gio.DBusNodeInfo.new_for_xml(introspection_xml())
+        self._info = node.lookup_interface(INTERFACE)
+        self._props = {p.name: p.signature for p in self._info.properties}
+        self._outsig = {m.name: "(" + "".join(a.signature for a in m.out_args) + ")"
+                        for m in self._info.methods}
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bus-call")
+        self._unref = InvocationUnref()
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._inflight = 0                    # method calls whose reply is not sent yet
+        self._scheduled = False
+        self._last_progress = 0.0
+        self._hooks: list[Callable[[set[str]], None]] = []
+        self._registration: int | None = None
+        # Built variants per property, dropped by notify(): GetAll from a polling monitor
+        # costs a dict copy instead of re-reading and re-encoding the engine's state.
+        self._cache: dict[str, GLib.Variant] = {}
+
+    # lifecycle
+
+    def register(self) -> None:
+        self._registration = self._con.register_object(
+            OBJECT_PATH, self._info, self._on_call, None, None)
+
+    def request_name(self) -> None:
+        """Own the bus name or fail: no queueing, no replacement (pydbus's publish() would
+        allow replacement, ecosystem.md §2.1)."""
+        reply = self._con.call_sync(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+            "RequestName", GLib.Variant("(su)", (BUS_NAME, 0x4)),  # DO_NOT_QUEUE
+            GLib.VariantType("(u)"), Gio.DBusCallFlags.NONE, -1, None)
+        if reply.unpack()[0] != 1:  # 1 = primary owner
+            raise RuntimeError(f"{BUS_NAME} is already owned on this bus")
+
+    def close(self) -> None:
+        if self._registration is not None:
+            self._con.unregister_object(self._registration)
+            self._registration = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def on_change(self, hook: Callable[[set[str]], None]) -> None:
+        """Also run `hook(names)` on the main loop after each PropertiesChanged."""
+        self._hooks.append(hook)
+
+    @property
+    def leak_shim(self) -> bool:
+        return self._unref.enabled
+
+    # property changes (any thread → main loop)
+
+    def notify(self, names: Iterable[str]) -> None:
+        with self._lock:
+            names = set(names)
+            for name in names:
+                self._cache.pop(name, None)
+            self._pending.update(names)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        GLib.idle_add(self._flush)
+
+    def _flush(self) -> bool:
+        with self._lock:
+            names = self._pending
+            now = time.monotonic()
+            wait = self._last_progress + PROGRESS_INTERVAL - now
+            if names == {"Progress"} and wait > 0:
+                # Only progress moved: batch it, so a fast copy cannot flood the bus.
+                GLib.timeout_add(max(1, int(wait * 1000)), self._flush)
+                return False
+            self._pending = set()
+            self._scheduled = False
+            if "Progress" in names:
+                self._last_progress = now
+        changed = {}
+        for name in sorted(names):
+            if name in self._props:
+                try:
+                    changed[name] = self._get(name)
+                except Exception:
+                    log.exception("reading property %s", name)
+        if changed:
+            self._con.emit_signal(
+                None, OBJECT_PATH, PROPERTIES_IFACE, "PropertiesChanged",
+                GLib.Variant("(sa{sv}as)", (INTERFACE, changed, [])))
+        for hook in self._hooks:
+            try:
+                hook(names)
+            except Exception:
+                log.exception("property change hook")
+        return False
+
+    def _get(self, name: str) -> GLib.Variant:
+        with self._lock:
+            cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        value = self._read(name)
+        with self._lock:
+            # A notify() that raced with the read wins: cache only if still absent and
+            # no change is pending for this name.
+            if name not in self._pending:
+                self._cache.setdefault(name, value)
+        return value
+
+    def _read(self, name: str) -> GLib.Variant:
+        attr = {"State": "state", "Progress": "progress", "StagedImage": "staged_image",
+                "Capabilities": "capabilities", "CanRelaunch": "can_relaunch",
+                "LastRelaunch": "last_relaunch", "LastError": "last_error",
+                "Version": "version"}[name]
+        return property_variant(self._props[name], getattr(self.engine, attr))
+
+    # incoming calls (main loop)
+
+    def _on_call(self, _con, sender: str, _path: str, iface: str, method: str,
+                 params: GLib.Variant, invocation: Gio.DBusMethodInvocation) -> None:
+        try:
+            if iface == PROPERTIES_IFACE:
+                self._properties_call(method, params.unpack(), invocation)
+                return
+            action, schema = _METHODS[method]
+            args = list(params.unpack())
+            args[-1] = validate_options(args[-1], schema)       # every method ends in a{sv} options
+            if action is None:
+                self._run(invocation, method, args)
+                return
+            details = {"path": args[0]} if method in ("Stage", "Inspect") else {}
+            self._authorize(invocation, sender, ACTION_PREFIX + action, details,
+                            lambda: self._run(invocation, method, args))
+        except Exception as exc:
+            self._reply_error(invocation, exc)
+
+    def _properties_call(self, method: str, args: tuple,
+                         invocation: Gio.DBusMethodInvocation) -> None:
+        if method == "Get":
+            iface, name = args
+            if iface != INTERFACE or name not in self._props:
+                self._reply(invocation, None, DBUS_ERROR + "UnknownProperty",
+                            f"no property {iface}.{name}")
+            else:
+                self._reply(invocation, GLib.Variant("(v)", (self._get(name),)))
+        elif method == "GetAll":
+            values = {n: self._get(n) for n in self._props} if args[0] in (INTERFACE, "") else {}
+            self._reply(invocation, GLib.Variant("(a{sv})", (values,)))
+        else:  # Set: every property is read-only; privileged changes are methods
+            self._reply(invocation, None, DBUS_ERROR + "PropertyReadOnly",
+                        "relaunchd properties are read-only")
+
+    def drain(self, timeout: float, then: Callable[[], None]) -> None:
+        """Call `then` (on the main loop) once every running method call has replied, or
+        after `timeout` s. On SIGTERM: the Relaunch that asked systemd for kexec.target
+        is still finishing when systemd stops us, and its caller deserves the reply."""
+        deadline = time.monotonic() + timeout
+
+        def check() -> bool:
+            with self._lock:
+                busy = self._inflight
+            if busy and time.monotonic() < deadline:
+                return True          # GLib: call again
+            if busy:
+                log.warning("stopping with %d method calls unanswered", busy)
+            with contextlib.suppress(GLib.Error):
+                self._con.flush_sync(None)
+            then()
+            return False
+
+        if check():
+            GLib.timeout_add(50, check)
+
+    def _run(self, invocation: Gio.DBusMethodInvocation, method: str, args: list) -> None:
+        with self._lock:
+            self._inflight += 1
+        try:
+            future = self._pool.submit(getattr(self, "_do_" + method), *args)
+        except RuntimeError as exc:       # the pool is shut down: we are stopping
+            with self._lock:
+                self._inflight -= 1
+            self._reply_error(invocation, exc)
+            return
+
+        def done(f: Future) -> None:
+            GLib.idle_add(self._finish, invocation, method, f)
+
+        future.add_done_callback(done)
+
+    def _finish(self, invocation: Gio.DBusMethodInvocation, method: str, future: Future) -> bool:
+        with self._lock:
+            self._inflight -= 1
+        try:
+            result = future.result()
+            sig = self._outsig[method]
+            self._reply(invocation, GLib.Variant(sig, (result,)) if sig != "()" else None)
+        except Exception as exc:
+            self._reply_error(invocation, exc)
+        return False
+
+    def _reply_error(self, invocation: Gio.DBusMethodInvocation, exc: BaseException) -> None:
+        name, message = dbus_error(exc)
+        if isinstance(exc, RelaunchError):
+            log.info("%s.%s: %s: %s", INTERFACE, invocation.get_method_name(), exc.name, exc)
+        else:
+            log.error("%s.%s failed", INTERFACE, invocation.get_method_name(), exc_info=exc)
+        self._reply(invocation, None, name, message)
+
+    def _reply(self, invocation: Gio.DBusMethodInvocation, value: GLib.Variant | None,
+               error: str | None = None, message: str = "") -> None:
+        if error:
+            invocation.return_dbus_error(error, message)
+        else:
+            invocation.return_value(value)
+        self._unref(invocation)
+
+    # authorization
+
+    def _authorize(self, invocation: Gio.DBusMethodInvocation, sender: str, action: str,
+                   details: dict[str, str], then: Callable[[], None]) -> None:
+        """Run `then` if polkit allows the caller `action`, else reply the denial."""
+        interactive = bool(invocation.get_message().get_flags()
+                           & Gio.DBusMessageFlags.ALLOW_INTERACTIVE_AUTHORIZATION)
+
+        def denied(error: str, message: str) -> None:
+            self._reply(invocation, None, error, message)
+
+        polkit.authorize(self._con, sender, action, details, interactive=interactive,
+                         allowed=then, denied=denied)
+
+    # the methods (worker threads): translate and call the engine
+
+    def _do_Check(self, options: dict) -> dict:
+        return to_vardict(self.engine.check(method=options.get("method")))
+
+    def _do_ListImages(self, _options: dict) -> list:
+        return [to_vardict(i) for i in self.engine.list_images()]
+
+    def _do_Inspect(self, path: str, options: dict) -> dict:
+        return to_vardict(self.engine.inspect(absolute_path(path), profile=options.get("profile")))
+
+    def _do_Stage(self, path: str, options: dict) -> str:
+        return self.engine.stage(
+            absolute_path(path), profile=options.get("profile"), method=options.get("method"),
+            cmdline=options.get("cmdline"), append=tuple(options.get("append", ())),
+            loader=options.get("loader"))
+
+    def _do_Relaunch(self, options: dict) -> str:
+        return self.engine.relaunch(force=options.get("force", False),
+                                    immediate=options.get("immediate", False))
+
+    def _do_Rehearse(self, _options: dict) -> dict:
+        return to_vardict(self.engine.rehearse())
+
+    def _do_Cancel(self, _options: dict) -> None:
+        self.engine.cancel()
+
+    def _do_GetHistory(self, options: dict) -> list:
+        limit = options.get("limit", 50)
+        if limit < 0:
+            raise InvalidArgument("option 'limit' must not be negative")
+        return [to_vardict(e) for e in self.engine.history(limit=limit)]
