@@ -12,7 +12,7 @@ import pytest
 
 from fixtures.platforms.build import materialize
 from relaunchd.cli import main
-from relaunchd.platform import readiness
+from relaunchd.launch import assessment
 
 CLI = [sys.executable, "-m", "relaunchd.cli"]
 
@@ -109,7 +109,7 @@ def test_host_smoke_reads_only_and_never_devmem(monkeypatch, capsys):
 
 
 def test_host_probe_is_deterministic():
-    a, b = readiness.probe(), readiness.probe()
+    a, b = assessment.assess(), assessment.assess()
     assert {m: v.ready for m, v in a.verdicts.items()} == {
         m: v.ready for m, v in b.verdicts.items()}
 

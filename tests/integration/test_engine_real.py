@@ -15,7 +15,8 @@ import pytest
 from relaunchd.engine import core as engine_mod
 from relaunchd.engine.config import Config, TrustConfig
 from relaunchd.engine.core import Engine
-from relaunchd.platform.readiness import Check, Report, Verdict
+from relaunchd.launch.assessment import Report
+from relaunchd.launch.checks import Check, Verdict
 from relaunchd.platform.sysroot import Read, SysRoot
 
 

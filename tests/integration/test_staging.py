@@ -436,11 +436,12 @@ def test_txt_intel_info_comes_from_the_msrs_and_the_txt_heap(tmp_path):
     from a reader over a table here."""
     from fixtures.platforms.build import materialize
     from relaunchd.formats import slrt
+    from relaunchd.launch import txt
     from relaunchd.platform import readiness
     from relaunchd.platform.sysroot import Read, SysRoot
 
     root = materialize("intel-txt-server", tmp_path)
-    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
+    facts = readiness.read_facts(readiness.ProbeConfig(root=str(root)))
     # Intel SDM vol. 3A §11.11: MTRRcap VCNT=2, MISC_ENABLE, MTRRdefType E=1 FE=1 WB,
     # 0-2 GiB WB and 2-3 GiB UC for 39 physical address bits.
     msrs = {0xFE: 0x502, 0x1A0: 0x851889, 0x2FF: 0xC06, 0x200: 0x6, 0x201: 0x7F80000800,
@@ -454,14 +455,14 @@ def test_txt_intel_info_comes_from_the_msrs_and_the_txt_heap(tmp_path):
                 return Read(path, error="unreadable", detail="Input/output error")
             return super().read_at(path, offset, size)
 
-    info = staging._intel_info(MsrRoot(str(root)), report)
+    info = txt._intel_info(MsrRoot(str(root)), facts)
     assert info.txt_heap == 0x7A380000          # TXT.HEAP.BASE in the fixture's /dev/mem
     assert info.saved_misc_enable == 0x851889 and info.default_mem_type == 0xC06
     assert info.variable_mtrrs == (slrt.MtrrPair(0x6, 0x7F80000800),
                                    slrt.MtrrPair(0x80000000, 0x7FC0000800))
     del msrs[0x202]                             # one variable MTRR cannot be read
     with pytest.raises(NotReady, match=r"cannot read MSR 0x202"):
-        staging._intel_info(MsrRoot(str(root)), report)
+        txt._intel_info(MsrRoot(str(root)), facts)
     # The real fixture file holds only IA32_FEATURE_CONTROL: MTRRcap is a short read.
     with pytest.raises(NotReady, match=r"cannot read MSR 0xfe"):
-        staging._intel_info(SysRoot(str(root)), report)
+        txt._intel_info(SysRoot(str(root)), facts)

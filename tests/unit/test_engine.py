@@ -29,8 +29,9 @@ from relaunchd.errors import (
     RelaunchError,
     VerificationFailed,
 )
+from relaunchd.launch.assessment import Report
+from relaunchd.launch.checks import Check, Verdict
 from relaunchd.platform import quiesce
-from relaunchd.platform.readiness import Check, Report, Verdict
 from relaunchd.platform.sysroot import Read
 from relaunchd.platform.tpm_extend_log import Verdict as LogVerdict
 
@@ -365,7 +366,11 @@ def test_stage_uses_configured_append_and_method(env, tmp_path):
     options = env.platform.options[0]
     assert options.append == ["a=1", "b=2"] and options.add_id_argument is False
     assert options.method == "txt" and options.effective_loader == "segments"
-    assert options.dl_handler.startswith(env.config.root)   # a platform path, under root
+    # The launch method looks where the configuration says (the same probe configuration
+    # Capabilities come from), under the configured root.
+    assert options.probe_config.root == env.config.root == options.root.root
+    assert options.probe_config.dl_handler == env.config.txt.dl_handler
+    assert options.probe_config.acm_dirs == env.config.txt.sinit_acm_dirs
 
 
 @pytest.mark.parametrize(("kwargs", "error"), [

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from fixtures.platforms.build import materialize, names
+from relaunchd.launch import assessment
 from relaunchd.platform import readiness
 from relaunchd.platform.sysroot import SysRoot
 
@@ -53,7 +54,7 @@ def test_every_fixture_has_expectations():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_verdicts_and_reasons(name, tmp_path):
-    report = readiness.probe(readiness.ProbeConfig(root=str(materialize(name, tmp_path))))
+    report = assessment.assess(readiness.ProbeConfig(root=str(materialize(name, tmp_path))))
     for method, (ready, reasons) in EXPECTED[name].items():
         v = report.verdicts[method]
         assert (v.ready, {c.id for c in v.reasons}) == (ready, reasons), method
@@ -66,7 +67,7 @@ def test_verdicts_and_reasons(name, tmp_path):
 
 def test_server_facts(tmp_path):
     root = str(materialize("intel-txt-server", tmp_path))
-    report = readiness.probe(readiness.ProbeConfig(root=root))
+    report = assessment.assess(readiness.ProbeConfig(root=root))
     f = report.facts
     assert f["txt.acm_match"].value == "/boot/SPR_SINIT_v1.2.BIN"
     acms = {a["path"]: a for a in f["txt.acms"].value}
@@ -84,7 +85,7 @@ def test_server_facts(tmp_path):
 
 
 def test_txt_error_is_decoded(tmp_path):
-    report = readiness.probe(readiness.ProbeConfig(root=str(materialize("txt-error", tmp_path))))
+    report = assessment.assess(readiness.ProbeConfig(root=str(materialize("txt-error", tmp_path))))
     err = next(c for c in report.verdicts["txt"].reasons if c.id == "txt-error")
     assert "0xc0008011" in err.message and "HEAP_INVALID_DMAR" in err.message
     assert "power" in next(c for c in report.verdicts["txt"].reasons
@@ -107,7 +108,7 @@ def test_lockdown_does_not_touch_devmem(tmp_path, monkeypatch):
     root = materialize("secureboot-lockdown", tmp_path)
     assert os.path.exists(root / "dev/mem")      # there, but lockdown means the kernel refuses
     opened = _recording(monkeypatch)
-    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
     assert "/dev/mem" not in opened
     assert report.facts["txt.registers"].error == "permission"
     assert report.facts["boot.secure_boot"].value is True
@@ -119,7 +120,7 @@ def test_no_smx_no_devmem_no_feature_control(name, tmp_path, monkeypatch):
     (root / "dev").mkdir(exist_ok=True)
     (root / "dev/mem").write_bytes(b"")
     opened = _recording(monkeypatch)
-    readiness.probe(readiness.ProbeConfig(root=str(root)))
+    assessment.assess(readiness.ProbeConfig(root=str(root)))
     assert "/dev/mem" not in opened
     # AMD reads VM_CR (it has svm); nobody without SMX reads IA32_FEATURE_CONTROL.
     assert name == "amd-epyc-skinit" or "/dev/cpu/0/msr" not in opened
@@ -129,7 +130,7 @@ def test_unreadable_facts_are_unknown_not_ready(tmp_path):
     root = materialize("intel-txt-server", tmp_path)
     os.remove(root / "dev/cpu/0/msr")           # msr module not loaded
     (root / "proc/sys/kernel/kexec_load_disabled").write_text("maybe\n")
-    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
     txt = report.verdicts["txt"]
     assert not txt.ready
     unknown = {c.id for c in txt.checks if c.ok is None}
@@ -144,7 +145,7 @@ def test_variations(tmp_path):
     (root / "proc/sys/kernel/kexec_load_disabled").write_text("1\n")
     (root / "sys/kernel/reboot/cpu").write_text("2\n")
     os.remove(root / "usr/lib/relaunchd/txt-dl-handler.bin")
-    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
     assert {c.id for c in report.verdicts["txt"].reasons} == {
         "iommu-passthrough", "kexec-disabled", "reboot-cpu-not-0", "dl-handler-missing"}
     assert {c.id for c in report.verdicts["kexec"].reasons} == {"kexec-disabled"}
@@ -153,15 +154,15 @@ def test_variations(tmp_path):
 def test_acm_mismatch_and_fuse(tmp_path):
     root = materialize("intel-txt-server", tmp_path)
     os.remove(root / "boot/SPR_SINIT_v1.2.BIN")
-    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
     [reason] = [c for c in report.verdicts["txt"].reasons]
     assert reason.id == "sinit-acm-mismatch" and "8086:b005" in reason.message
     from fixtures.platforms.build import build_acm
     (root / "boot/dbg_sinit.bin").write_bytes(build_acm(did=0xB005, rid=1, debug=1))
-    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
     assert [c.id for c in report.verdicts["txt"].reasons] == ["sinit-acm-fuse-mismatch"]
     (root / "boot/broken_SINIT.BIN").write_bytes(b"not an acm")
-    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
     broken = next(a for a in report.facts["txt.acms"].value if "broken" in a["path"])
     assert broken["error"].startswith("InvalidAcm")
 
@@ -172,7 +173,7 @@ def test_kexec_without_file_load_and_lockdown_without_sig(tmp_path):
     cfg.write_text(cfg.read_text().replace("CONFIG_KEXEC_FILE=y", "# CONFIG_KEXEC_FILE is not set")
                    .replace("CONFIG_KEXEC_SIG=y", "# CONFIG_KEXEC_SIG is not set"))
     (root / "sys/kernel/security/lockdown").write_text("none [integrity] confidentiality\n")
-    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
     assert {c.id for c in report.verdicts["kexec"].reasons} == {
         "kexec-file-unsupported", "lockdown-unsigned-kexec", "tpm-missing"}
 
@@ -181,7 +182,7 @@ def test_no_kernel_config_no_kexec(tmp_path):
     root = materialize("vm-no-tpm", tmp_path)
     os.remove(root / "boot/config-6.1.0-28-cloud-amd64")
     os.remove(root / "sys/kernel/kexec_loaded")
-    report = readiness.probe(readiness.ProbeConfig(root=str(root)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
     assert "kexec-unsupported" in {c.id for c in report.verdicts["kexec"].reasons}
     assert report.facts["kernel.config"].error == "not-present"
 
@@ -190,12 +191,12 @@ def test_arm_and_empty_root(tmp_path):
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/cpuinfo").write_text(
         "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n\n")
-    report = readiness.probe(readiness.ProbeConfig(root=str(tmp_path)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(tmp_path)))
     for m in ("txt", "skinit"):
         assert "arch-unsupported" in {c.id for c in report.verdicts[m].reasons}
     empty = tmp_path / "empty"
     empty.mkdir()
-    report = readiness.probe(readiness.ProbeConfig(root=str(empty)))
+    report = assessment.assess(readiness.ProbeConfig(root=str(empty)))
     assert report.best is None
     assert "cpu-unknown" in {c.id for c in report.verdicts["txt"].reasons}
     assert report.facts["cpu.vendor"].error == "not-present"

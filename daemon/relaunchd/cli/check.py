@@ -11,6 +11,7 @@ import json
 import sys
 from typing import Any
 
+from relaunchd.launch import assessment, registry
 from relaunchd.platform import readiness
 
 EXIT_READY = 0
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--root", default="/", metavar="DIR",
                    help="read platform paths below DIR (a fixture tree); default /")
-    p.add_argument("--method", choices=("auto", *readiness.METHODS), default="auto",
+    p.add_argument("--method", choices=("auto", *registry.NAMES), default="auto",
                    help="the method whose readiness sets the exit code (default: any)")
     p.add_argument("--acm-dir", action="append", metavar="DIR",
                    help="directory with SINIT ACMs (repeatable; default "
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         root=args.root,
         acm_dirs=tuple(args.acm_dir) if args.acm_dir else readiness.ProbeConfig.acm_dirs,
         dl_handler=args.dl_handler, skl=args.skl, tpm_tcti=args.tpm_tcti)
-    report = readiness.probe(config)
+    report = assessment.assess(config)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -70,7 +71,7 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def render(report: readiness.Report, method: str = "auto") -> str:
+def render(report: assessment.Report, method: str = "auto") -> str:
     lines = [f"Platform facts (root {report.root})"]
     for title, prefixes in GROUPS:
         names = [n for n in report.facts if n.startswith(prefixes)]

@@ -26,11 +26,12 @@ import yaml
 
 from relaunchd.errors import ConfigError
 from relaunchd.formats.pcr11 import BANKS
+from relaunchd.launch import registry
 from relaunchd.platform.image_files import DEFAULT_IMAGE_DIRS
 from relaunchd.platform.readiness import ProbeConfig
 
 DEFAULT_PATH = "/etc/relaunchd/relaunchd.yaml"
-LAUNCH_METHODS = ("auto", "txt", "skinit", "kexec")
+LAUNCH_METHODS = ("auto", *registry.NAMES)
 LOADERS = ("file", "segments")
 PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 DRIVER_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -313,10 +314,12 @@ class _Reader:
     def cross_checks(self, config: Config) -> None:
         """Combinations that cannot work, reported at the later key's line."""
         launch = config.launch
-        if launch.require_drtm and launch.method == "kexec":
+        if launch.require_drtm and launch.method != "auto" \
+                and not registry.is_drtm(launch.method):
             self.fail("launch.require_drtm",
-                      "true, but launch.method is kexec, which has no dynamic launch")
-        if launch.method in ("txt", "skinit") and launch.loader == "file":
+                      f"true, but launch.method is {launch.method}, which has no dynamic "
+                      "launch")
+        if registry.is_drtm(launch.method) and launch.loader == "file":
             self.fail("launch.loader", f"the {launch.method} method needs the segment loader, "
                                        "not file")
         if config.trust.uefi_db:

@@ -47,8 +47,8 @@ from relaunchd.errors import (
     RelaunchError,
     VerificationFailed,
 )
-from relaunchd.launch import staging
-from relaunchd.platform import image_files, quiesce, readiness
+from relaunchd.launch import assessment, registry, staging
+from relaunchd.platform import image_files, quiesce
 from relaunchd.platform.sysroot import SysRoot
 
 __all__ = ["Engine", "Platform", "probe_config_for"]
@@ -56,8 +56,7 @@ __all__ = ["Engine", "Platform", "probe_config_for"]
 log = logging.getLogger("relaunchd.engine")
 
 STATES = ("idle", "staging", "staged", "quiescing", "relaunching", "failed")
-METHODS = ("auto", *readiness.METHODS)
-DRTM_METHODS = ("txt", "skinit")
+METHODS = ("auto", *registry.NAMES)
 PROGRESS_INTERVAL = 0.1          # at most 10 Progress notifications per second
 IDLE_PROGRESS = {"step": "", "done": 0, "total": 0, "percent": 0}
 # Overall percent per step: verification dominates (it reads the whole image).
@@ -264,7 +263,7 @@ class Engine:
                                   f"(one of {', '.join(METHODS)})")
         if chosen == "auto":
             chosen = self._auto_method()
-        if cfg.launch.require_drtm and chosen not in DRTM_METHODS:
+        if cfg.launch.require_drtm and not registry.is_drtm(chosen):
             raise NotReady(f"launch.require_drtm is set, and the {chosen} method has no "
                            "dynamic launch")
         loader = loader if loader is not None else cfg.launch.loader
@@ -280,10 +279,8 @@ class Engine:
             method=chosen, profile=profile, custom_cmdline=cmdline,
             append=[*cfg.cmdline.append, *append], trusted=trusted, policy=policy,
             relaunch_id=str(uuid.uuid4()), add_id_argument=cfg.cmdline.id_argument,
-            banks=tuple(cfg.measurement.banks), root=self._root, loader=loader)
-        if chosen == "txt":
-            options.sinit_acm = self._sinit_acm()
-            options.dl_handler = self._root.host_path(cfg.txt.dl_handler)
+            banks=tuple(cfg.measurement.banks), root=self._root, loader=loader,
+            probe_config=probe_config_for(cfg), sinit_acm=cfg.txt.sinit_acm)
         return options
 
     def _auto_method(self) -> str:
@@ -293,21 +290,12 @@ class Engine:
         if self._config.launch.require_drtm:
             caps = self.capabilities
             why = "; ".join(f"{m}: {', '.join(caps[m]['reasons']) or 'unknown'}"
-                            for m in DRTM_METHODS if m in caps)
+                            for m in registry.DRTM_NAMES if m in caps)
             raise NotReady(f"launch.require_drtm is set and no dynamic launch method is "
                            f"ready ({why}); see `relaunchctl check`")
         # Measured kexec needs nothing the probe can promise (a missing TPM only
         # means no measurement); the load itself is the real test.
         return "kexec"
-
-    def _sinit_acm(self) -> str | None:
-        cfg = self._config.txt
-        if cfg.sinit_acm:
-            return self._root.host_path(cfg.sinit_acm)
-        match = self._platform.probe().facts.get("txt.acm_match")
-        if match is not None and match.ok and match.value:
-            return self._root.host_path(match.value)
-        return None     # staging refuses with NotReady, naming the config key
 
     def _trusted(self) -> list:
         paths = self._config.trust.certificates
@@ -763,14 +751,14 @@ class Engine:
             entry["error"] = str(exc)
         return entry
 
-    def _refresh_capabilities(self) -> readiness.Report:
+    def _refresh_capabilities(self) -> assessment.Report:
         report = self._platform.probe()
         caps: dict[str, Any] = {
             m: {"ready": v.ready, "reasons": [c.id for c in v.reasons]}
             for m, v in report.verdicts.items()}
-        ready = [m for m in readiness.METHODS if caps.get(m, {}).get("ready")]
+        ready = [m for m in registry.NAMES if caps.get(m, {}).get("ready")]
         if self._config.launch.require_drtm:
-            ready = [m for m in ready if m in DRTM_METHODS]
+            ready = [m for m in ready if registry.is_drtm(m)]
         configured = self._config.launch.method
         caps["best"] = (ready[0] if ready else None) if configured == "auto" else (
             configured if configured in ready else None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaunchd.errors import InvalidArgument, KexecFailed, RelaunchError
-from relaunchd.launch import staging
+from relaunchd.launch import assessment, staging
 from relaunchd.platform import quiesce, readiness, tpm_extend_log
 from relaunchd.platform.sysroot import SysRoot
 from relaunchd.platform.sysroot_writer import FailAt, SysWriter
@@ -87,8 +87,8 @@ class Platform:
         out["cmdline"] = {b: _digest(b, text) for b in banks}
         return out
 
-    def probe(self) -> readiness.Report:
-        return readiness.probe(self.probe_config)
+    def probe(self) -> assessment.Report:
+        return assessment.assess(self.probe_config)
 
     # ------------------------------------------------------------ quiesce
 

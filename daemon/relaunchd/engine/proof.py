@@ -33,10 +33,9 @@ from relaunchd.engine.state import PendingRecord, now
 from relaunchd.errors import InvalidEventLog
 from relaunchd.formats import eventlog
 from relaunchd.formats.slrt import SL_EVTYPE_SECURE_LAUNCH
+from relaunchd.launch import registry
 from relaunchd.platform.tpm import DRTM_PCRS
 from relaunchd.platform.tpm_extend_log import Verdict
-
-DRTM_METHODS = ("txt", "skinit")
 
 
 def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: Verdict | None,
@@ -66,7 +65,7 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: Verdict | Non
         elif verdict is not None and not verdict.ok:
             mismatches.extend(verdict.mismatches)
 
-    drtm_method = pending.method in DRTM_METHODS
+    drtm_method = registry.is_drtm(pending.method)
     drtm = False
     if drtm_method:
         pcrs = facts.drtm_pcrs

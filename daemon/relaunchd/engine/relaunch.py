@@ -20,6 +20,7 @@ from relaunchd.engine import proof
 from relaunchd.engine.config import Config
 from relaunchd.engine.state import PendingRecord, StagedRecord, StateStore
 from relaunchd.errors import Inhibited, NoTpm, NotReady, RelaunchError
+from relaunchd.launch import registry
 from relaunchd.platform import quiesce
 from relaunchd.platform.tpm_extend_log import LOG_NAME
 
@@ -106,7 +107,7 @@ def conclude(config: Config, platform: Any, pending: PendingRecord) -> dict[str,
                                                    cfg.tcti, pcr, banks)
         except RelaunchError as exc:
             error = str(exc)
-    facts = platform.boot_facts(pending.method in proof.DRTM_METHODS, cfg.tcti)
+    facts = platform.boot_facts(registry.is_drtm(pending.method), cfg.tcti)
     return proof.evaluate(pending, facts, verdict=verdict, reset_count=reset_count,
                             measurement_error=error)
 

@@ -47,6 +47,7 @@ from relaunchd.formats import hashing, initrd, pe, uki
 from relaunchd.formats.image_report import ImageReport, inspect_image
 from relaunchd.formats.pe import FileRange
 from relaunchd.formats.x86 import boot_params
+from relaunchd.launch import registry
 from relaunchd.platform import addon_files, image_files, kexec_syscalls, sealed_memfd
 from relaunchd.platform.sysroot import SysRoot
 
@@ -69,14 +70,17 @@ class StageOptions:
     banks: tuple[str, ...] = ("sha256",)
     root: SysRoot = field(default_factory=SysRoot)
     loader: str | None = None            # "file" | "segments"; None: by method
-    sinit_acm: str | None = None         # TXT inputs (config), read when the method needs them
+    # Where the launch method looks (configured ACM directories, DL handler): the same
+    # probe configuration the engine's Capabilities come from; None: the probe's defaults.
+    probe_config: Any = None             # readiness.ProbeConfig
+    sinit_acm: str | None = None         # explicit TXT inputs, platform paths under `root`
     dl_handler: str | None = None
     addons: bool = True                  # apply add-ons as systemd-stub would (addons.py)
     boot_partition: str | None = None    # where loader/addons/ is; None: the image's mount
 
     @property
     def effective_loader(self) -> str:
-        return self.loader or ("file" if self.method == "kexec" else "segments")
+        return self.loader or registry.method(self.method).default_loader
 
 
 @dataclass
@@ -151,11 +155,10 @@ class StagedImage:
 
 def prepare(path: str, options: StageOptions,
             progress: Callable[[str, int, int], None] | None = None) -> StagedImage:
-    if options.method not in ("kexec", "txt", "skinit"):
-        raise InvalidArgument(f"unknown launch method {options.method!r}")
+    launch = registry.method(options.method)       # InvalidArgument for an unknown one
     if options.effective_loader not in ("file", "segments"):
         raise InvalidArgument(f"unknown loader {options.loader!r}")
-    if options.method != "kexec" and options.effective_loader != "segments":
+    if launch.default_loader == "segments" and options.effective_loader != "segments":
         raise InvalidArgument(f"the {options.method} method needs the segment loader")
     inputs = _launch_inputs(options)     # refuses up front, before any work
     preload = _Preload(options)
@@ -278,61 +281,24 @@ def _select_addons(image: uki.UkiImage, resolved: uki.ResolvedImage,
                               uki_uname=image.text(resolved, ".uname"))
 
 
-def _launch_inputs(options: StageOptions):
-    """Segment-loader inputs; refuses what cannot work before anything is read."""
+def _launch_inputs(options: StageOptions) -> Any:
+    """Segment-loader inputs from the launch method; refuses what cannot work before
+    anything is read."""
     if options.effective_loader != "segments":
         return None
-    from relaunchd.launch import segment_loader
-
     lockdown = _lockdown(options.root)
     if lockdown in ("integrity", "confidentiality"):
         raise NotReady(f"kernel lockdown ({lockdown}) refuses kexec_load, which the segment "
                        "loader needs; only --loader file (kexec_file_load) works here")
-    if options.method == "kexec":
-        return segment_loader.SegmentInputs()
-    from relaunchd.platform import readiness
+    # Imported here, as the segment loader below: a plain kexec stage (the common case,
+    # and `make bench`'s) never needs the probe or the launch modules (~45 ms).
+    from relaunchd.launch.protocol import LaunchRequest
+    from relaunchd.platform.readiness import ProbeConfig
 
-    report = readiness.probe(readiness.ProbeConfig(root=options.root.root))
-    verdict = report.verdicts[options.method]
-    if not verdict.ready:
-        reasons = "; ".join(f"{c.message} [{c.id}]" for c in verdict.reasons)
-        raise NotReady(f"the {options.method} method is not ready: {reasons}")
-    if options.method == "skinit":
-        raise NotReady("SKINIT launches are not implemented yet (no Secure Kernel Loader "
-                       "hand-off); use --method txt or kexec")
-    if not options.sinit_acm or not options.dl_handler:
-        raise NotReady("the txt method needs a SINIT ACM and a DL handler (config)")
-    with open(options.sinit_acm, "rb") as f:
-        dce = f.read()
-    with open(options.dl_handler, "rb") as f:
-        handler = f.read()
-    return segment_loader.SegmentInputs(dce=dce, dl_handler=handler,
-                                        intel_info=_intel_info(options.root, report))
-
-
-def _intel_info(root: SysRoot, report):
-    """INTEL_INFO as the DL handler will find the CPU: IA32_MISC_ENABLE, MTRRdefType and
-    the variable MTRRs from /dev/cpu/0/msr, the TXT heap base from the TXT registers
-    (drtm.md §1.4). The kernel compares them after the launch, so guessing is no
-    option: unreadable → NotReady."""
-    from relaunchd.formats import slrt
-    from relaunchd.platform.readiness import MSR_DEV
-
-    def rdmsr(index: int) -> int:
-        read = root.read_at(MSR_DEV, index, 8)
-        if not read.ok or read.value is None:
-            raise NotReady(f"cannot read MSR {index:#x} from {MSR_DEV} ({read.error}: "
-                           f"{read.detail}); `modprobe msr` and run as root")
-        return int.from_bytes(read.value, "little")
-
-    registers = report.facts.get("txt.registers")     # decoded, hex strings (txt.decode)
-    value = registers.value if registers is not None and registers.ok else None
-    heap = int(value["heap_base"], 16) if isinstance(value, dict) and value.get(
-        "heap_base") else 0
-    if not heap:
-        raise NotReady("the TXT heap base is unknown (TXT registers unreadable or zero); "
-                       "see `relaunchctl check --method txt`")
-    return slrt.intel_info_from_msrs(rdmsr, txt_heap=heap)
+    request = LaunchRequest(root=options.root,
+                            probe_config=options.probe_config or ProbeConfig(options.root.root),
+                            sinit_acm=options.sinit_acm, dl_handler=options.dl_handler)
+    return registry.method(options.method).segment_inputs(request)
 
 
 def _lockdown(root: SysRoot) -> str | None:
@@ -533,8 +499,9 @@ def load(staged: StagedImage, root: SysRoot) -> None:
 
         segment_loader.load(staged.segment_plan)
     else:
-        kexec_syscalls.file_load(staged.kernel.fd, staged.initrd.fd if staged.initrd else None,
-                        staged.cmdline.nul_terminated)
+        kexec_syscalls.file_load(staged.kernel.fd,
+                                 staged.initrd.fd if staged.initrd else None,
+                                 staged.cmdline.nul_terminated)
     if loaded(root) is not True:
         raise KexecFailed("the kexec load returned success but /sys/kernel/kexec_loaded "
                           "is not 1")
