@@ -5,7 +5,7 @@
    (and, for proof, the same with the GLib unref shim disabled)
 3. p99 GetAll latency while a 100 MB UKI is being staged              target  < 20 ms
 
-The real engine runs with the test-only fake platform (tests/support/dbus_fake_platform.py):
+The real engine runs over the test-only machine (tests/support/dbus_fake_machine.py):
 verification is real, the kexec load is a file, nothing touches the host.
 Usage: .venv/bin/python benchmarks/soak.py [--calls N] [--compare-calls N] [--image-mb N]
 """
@@ -85,9 +85,7 @@ def config(work: Path, images: Path, cert: Path) -> Path:
 
 
 def soak(bus: PrivateBus, cfg: Path, calls: int, shim: str) -> dict:
-    d = Daemon(bus, cfg, real_engine=True,
-               env={"RELAUNCHD_TEST_PLATFORM": "dbus_fake_platform:make",
-                    "RELAUNCHD_GLIB_UNREF_SHIM": shim}).start()
+    d = Daemon(bus, cfg, engine="fake-machine", env={"RELAUNCHD_GLIB_UNREF_SHIM": shim}).start()
     try:
         run_client(bus, "count", 2000)            # warm up caches and allocator pools
         before = status(d.proc.pid)["VmRSS"]
@@ -121,8 +119,7 @@ def main() -> int:
         bus = PrivateBus().start()
         try:
             # 1. idle
-            d = Daemon(bus, cfg, real_engine=True,
-                       env={"RELAUNCHD_TEST_PLATFORM": "dbus_fake_platform:make"}).start()
+            d = Daemon(bus, cfg, engine="fake-machine").start()
             time.sleep(1)
             a = status(d.proc.pid)
             time.sleep(args.idle_seconds)
@@ -147,8 +144,7 @@ def main() -> int:
                       "B/call)")
 
             # 3. latency while staging
-            d = Daemon(bus, cfg, real_engine=True,
-                       env={"RELAUNCHD_TEST_PLATFORM": "dbus_fake_platform:make"}).start()
+            d = Daemon(bus, cfg, engine="fake-machine").start()
             try:
                 sampler = subprocess.Popen(
                     [str(REPO / ".venv/bin/python"), "-c", CLIENT, bus.address, "latency", "0"],

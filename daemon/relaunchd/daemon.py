@@ -4,32 +4,30 @@ systemd integration (`Type=notify`): READY=1 once the bus name is owned, STATUS=
 every state change, WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM. The
 process sleeps in the GLib main loop: no timer exists unless the watchdog asks for one.
 
-Journal messages carry the MESSAGE_IDs of `messages` (docs/dbus-api.md lists them):
-staging started, image staged, relaunch started, operation failed, and — logged by the
-engine in the boot a relaunch led to — relaunch verified / NOT verified.
+Journal messages carry the MESSAGE_IDs of `engine.journal_ids` (docs/dbus-api.md lists
+them): staging started, image staged, relaunch started, operation failed, and — logged by
+the engine in the boot a relaunch led to — relaunch verified / NOT verified. The
+Prometheus textfile (`prometheus.TextfileExporter`) follows the engine's changes too.
 
-Test-only hooks (never set them in a unit file; tests/integration/test_bus_*.py uses them):
-  RELAUNCHD_TEST_ENGINE=module      import `module` and use its `Engine` (and its
-                                    `load_config`, if it has one) instead of relaunchd's
-  RELAUNCHD_TEST_PLATFORM=module:fn pass `fn(config)` as the engine's `platform=`, e.g. a
-                                    fake whose load/hand-off touch nothing on the host
-  RELAUNCHD_TEST_FAIL_STORE=N[:after] fail the N-th sysfs store of a quiesce (host.py;
-                                    the VM tier's rollback test, inside the guest only)
+`main` and `serve` take the engine's constructor as an argument: the bus tests run this
+same service over a fake engine or machine by passing theirs
+(tests/support/daemon_under_test.py); nothing here imports a module named at run time.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from relaunchd import __version__
 from relaunchd.engine.journal_ids import MESSAGE_IDS
 from relaunchd.errors import RelaunchError
+from relaunchd.prometheus import TextfileExporter
 
 DEFAULT_CONFIG = "/etc/relaunchd/relaunchd.yaml"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -70,36 +68,23 @@ def _setup_logging(verbose: bool) -> None:
     root.setLevel(level)
 
 
-def _import_hook(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    loaded = importlib.import_module(module)
-    return getattr(loaded, attr) if attr else loaded
+EngineFactory = Callable[[Any, Callable[[set[str]], None]], Any]
+
+
+def build_engine(config: Any, notify: Callable[[set[str]], None]) -> Any:
+    """The engine over the real host, logind's inhibitors asked over the system bus."""
+    from relaunchd.bus.logind import LogindInhibitors
+    from relaunchd.engine.core import Engine
+    from relaunchd.engine.host_machine import HostMachine
+
+    machine = HostMachine.for_config(config, inhibitor_source=LogindInhibitors())
+    return Engine(config, machine, notify=notify)
 
 
 def load_config(path: str) -> Any:
-    hook = os.environ.get("RELAUNCHD_TEST_ENGINE")
-    if hook:
-        module = _import_hook(hook)
-        if hasattr(module, "load_config"):
-            return module.load_config(path)
-    from relaunchd.engine.config import load_config as load
+    from relaunchd.engine.config_file import load_config as load
 
     return load(path)
-
-
-def make_engine(config: Any, notify) -> Any:
-    hook = os.environ.get("RELAUNCHD_TEST_ENGINE")
-    if hook:
-        engine_class = _import_hook(hook).Engine
-        log.warning("test hook: engine from %s", hook)
-    else:
-        from relaunchd.engine.core import Engine as engine_class
-    platform = None
-    platform_hook = os.environ.get("RELAUNCHD_TEST_PLATFORM")
-    if platform_hook:
-        log.warning("test hook: platform from %s", platform_hook)
-        platform = _import_hook(platform_hook)(config)
-    return engine_class(config, platform=platform, notify=notify)
 
 
 class Journal:
@@ -110,7 +95,7 @@ class Journal:
         self.state = None
 
     def __call__(self, names: set[str]) -> None:
-        if "State" not in names:
+        if "state" not in names:
             return
         state = self.engine.state
         if state == self.state:
@@ -139,7 +124,7 @@ class Journal:
         log.log(level, text, extra={"MESSAGE_ID": MESSAGE_IDS[what], **fields})
 
 
-def serve(config: Any) -> int:
+def serve(config: Any, make_engine: EngineFactory = build_engine) -> int:
     from relaunchd.bus import mainloop
     from relaunchd.bus.names import BUS_NAME
     from relaunchd.bus.service import Service
@@ -151,12 +136,18 @@ def serve(config: Any) -> int:
         return EXIT_FAILED
     holder: dict[str, Any] = {}
 
-    def notify(names) -> None:   # any engine thread; the service marshals to the loop
+    def notify(names: set[str]) -> None:   # any engine thread
+        exporter = holder.get("exporter")
+        if exporter is not None:
+            exporter(names)
         service = holder.get("service")
         if service is not None:
-            service.notify(names)
+            service.notify(names)          # marshalled to the main loop there
 
     engine = make_engine(config, notify)
+    metrics = getattr(getattr(config, "metrics", None), "textfile_path", None)
+    holder["exporter"] = exporter = TextfileExporter(engine, metrics)
+    exporter.export()
     service = Service(engine, connection)
     holder["service"] = service
     journal = Journal(engine)
@@ -184,7 +175,7 @@ def serve(config: Any) -> int:
         watchdog = _watchdog_interval()
         if watchdog:
             mainloop.every(watchdog, lambda: _notify("WATCHDOG=1"))
-        journal({"State"})
+        journal({"state"})
         _notify(f"READY=1\nSTATUS={engine.state}")
         log.info("relaunchd %s on the bus as %s, state %s", __version__, BUS_NAME,
                  engine.state)
@@ -206,7 +197,8 @@ def _watchdog_interval() -> float | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, make_engine: EngineFactory = build_engine,
+         load: Callable[[str], Any] = load_config) -> int:
     parser = argparse.ArgumentParser(prog="relaunchd",
                                      description="The relaunchd service (D-Bus: "
                                                  "org.relaunchd.Relaunch1).")
@@ -218,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        config = load_config(args.config)
+        config = load(args.config)
     except RelaunchError as exc:
         print(f"relaunchd: {exc.name}: {exc}", file=sys.stderr)
         _notify(f"STATUS={exc.name}: {exc}")
@@ -230,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK")
         return EXIT_OK
     try:
-        return serve(config)
+        return serve(config, make_engine)
     except RelaunchError as exc:
         log.error("%s: %s", exc.name, exc, extra={"MESSAGE_ID": MESSAGE_IDS["failure"]})
         return EXIT_FAILED

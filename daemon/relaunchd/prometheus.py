@@ -1,4 +1,5 @@
-"""relaunchd's state as a Prometheus node-exporter textfile (text exposition format 0.0.4).
+"""relaunchd's state as a Prometheus node-exporter textfile (text exposition format 0.0.4);
+an adapter over the engine, written by the daemon (`TextfileExporter`).
 
 node-exporter's textfile collector reads `*.prom` in its directory on every scrape, so
 the file is replaced atomically (atomicfile) under a temp name that does not end in
@@ -8,6 +9,7 @@ the file is replaced atomically (atomicfile) under a temp name that does not end
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -16,9 +18,12 @@ from typing import Any
 
 from relaunchd.platform.atomic_file import atomic_write
 
+log = logging.getLogger("relaunchd.prometheus")
+
 PREFIX = "relaunchd_"
 TEXTFILE_MODE = 0o644          # node-exporter usually runs as its own user
 RESULTS = ("verified", "unverified")   # always exported, so rate() works from the first scrape
+HISTORY_SCAN = 1 << 16                 # every entry the history keeps (it is bounded)
 
 
 @dataclass(frozen=True)
@@ -149,3 +154,40 @@ def write_textfile(path: str, m: Metrics) -> None:
         # atomic_write's error names its temp file, which is not what the admin must fix.
         raise FileNotFoundError(errno.ENOENT, "metrics textfile directory does not exist",
                                 directory) from None
+
+
+class TextfileExporter:
+    """Keeps the textfile in step with an engine: rewritten when the state, the staged image
+    or the last relaunch changed (the daemon calls it with the engine's change names), and
+    not when only progress moved."""
+
+    WATCHED = frozenset({"state", "staged_image", "last_relaunch"})
+
+    def __init__(self, engine: Any, path: str | None) -> None:
+        self.engine = engine
+        self.path = path
+        self._seen: tuple | None = None
+
+    def __call__(self, names: set[str]) -> None:
+        if self.path and names & self.WATCHED:
+            self.export()
+
+    def export(self) -> None:
+        if not self.path:
+            return
+        last = self.engine.last_relaunch
+        staged = bool(self.engine.staged_image)
+        current = (self.engine.state, staged, last.get("id"), last.get("verified"))
+        if current == self._seen:
+            return
+        self._seen = current
+        totals = dict.fromkeys(RESULTS, 0)
+        for entry in self.engine.history(limit=HISTORY_SCAN):
+            result = entry.get("event", "").removeprefix("relaunch-")
+            if result in totals:
+                totals[result] += 1
+        try:
+            write_textfile(self.path, Metrics(staged=staged, last_relaunch=last,
+                                              relaunches_total=totals, state=current[0]))
+        except OSError as exc:
+            log.warning("cannot write the metrics textfile %s: %s", self.path, exc)

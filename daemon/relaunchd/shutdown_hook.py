@@ -63,7 +63,7 @@ def _runtime_dir(config_path: str) -> str:
     """The configured runtime directory; the default when the file is absent or bad (the
     daemon refused a bad file at start, so nothing of ours would be staged then)."""
     try:
-        from relaunchd.engine.config import load_config
+        from relaunchd.engine.config_file import load_config
 
         return load_config(config_path).runtime_dir
     except Exception:

@@ -3,7 +3,7 @@ syscall that fails (this host kernel has no kexec: ENOSYS), SIGKILL mid-staging 
 restart, a corrupt state file, and relaunch --wait through a fake hand-off.
 
 Relaunch is only ever called with the test-only fake platform
-(tests/support/dbus_fake_platform.py): its hand-off writes a file, nothing else."""
+(tests/support/dbus_fake_machine.py): its hand-off writes a file, nothing else."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from support.dbus_harness import VENV_BIN, Daemon, PrivateBus, relaunchctl
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "platforms"
-FAKE_PLATFORM = {"RELAUNCHD_TEST_PLATFORM": "dbus_fake_platform:make"}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +52,8 @@ def setup(tmp_path, real_ukis, keys):
     return {"config": path, "image": images / "signed.efi", "dir": tmp_path}
 
 
-def start(private_bus, setup, **env) -> Daemon:
-    return Daemon(private_bus, setup["config"], real_engine=True, env=env).start()
+def start(private_bus, setup, engine: str = "fake-machine", **env) -> Daemon:
+    return Daemon(private_bus, setup["config"], engine=engine, env=env).start()
 
 
 def wait_for(client, predicate, timeout: float = 60):
@@ -80,7 +79,7 @@ def test_bad_config_names_key_and_line(tmp_path):
 
 
 def test_missing_tpm_is_reported_not_fatal(private_bus, setup):
-    d = start(private_bus, setup)
+    d = start(private_bus, setup, engine="installed")
     try:
         client = bus_client.Client(address=private_bus.address)
         props = client.properties()
@@ -95,7 +94,7 @@ def test_missing_tpm_is_reported_not_fatal(private_bus, setup):
 
 def test_kexec_syscall_fails_cleanly(private_bus, setup):
     """The real platform: verification passes, kexec_file_load fails (ENOSYS here)."""
-    d = start(private_bus, setup)
+    d = start(private_bus, setup, engine="installed")
     try:
         r = relaunchctl(private_bus, "stage", str(setup["image"]))
         assert r.returncode == 1, r.stderr
@@ -111,12 +110,12 @@ def test_kexec_syscall_fails_cleanly(private_bus, setup):
 
 
 def test_sigkill_mid_staging_then_restart(private_bus, setup):
-    d = start(private_bus, setup, FAKE_LOAD_DELAY="30", **FAKE_PLATFORM)
+    d = start(private_bus, setup, FAKE_LOAD_DELAY="30")
     client = bus_client.Client(address=private_bus.address)
     client.call("Stage", str(setup["image"]))
     wait_for(client, lambda p: p["Progress"].get("step") == "loading")
     d.stop(signal.SIGKILL)
-    d = start(private_bus, setup, **FAKE_PLATFORM)
+    d = start(private_bus, setup)
     try:
         client = bus_client.Client(address=private_bus.address)
         props = client.properties()
@@ -127,12 +126,12 @@ def test_sigkill_mid_staging_then_restart(private_bus, setup):
 
 
 def test_sigkill_when_staged_then_restart_and_relaunch(private_bus, setup):
-    d = start(private_bus, setup, **FAKE_PLATFORM)
+    d = start(private_bus, setup)
     r = relaunchctl(private_bus, "stage", "--json", str(setup["image"]))
     assert r.returncode == 0, r.stderr
     ident = json.loads(r.stdout)["id"]
     d.stop(signal.SIGKILL)
-    d = start(private_bus, setup, **FAKE_PLATFORM)
+    d = start(private_bus, setup)
     try:
         client = bus_client.Client(address=private_bus.address)
         props = client.properties()
@@ -151,7 +150,7 @@ def test_sigkill_when_staged_then_restart_and_relaunch(private_bus, setup):
 def test_relaunch_reply_survives_the_shutdown_it_starts(private_bus, setup):
     """systemd stops relaunchd as soon as kexec.target is queued; the daemon still
     answers the Relaunch call with the id before it exits."""
-    d = start(private_bus, setup, FAKE_HANDOFF_STOPS_US="1", **FAKE_PLATFORM)
+    d = start(private_bus, setup, FAKE_HANDOFF_STOPS_US="1")
     try:
         r = relaunchctl(private_bus, "stage", "--json", str(setup["image"]))
         assert r.returncode == 0, r.stderr
@@ -169,7 +168,7 @@ def test_relaunch_reply_survives_the_shutdown_it_starts(private_bus, setup):
 def test_corrupt_state_file(private_bus, setup):
     staged = setup["dir"] / "run" / "staged.json"
     staged.write_text("{not json")
-    d = start(private_bus, setup, **FAKE_PLATFORM)
+    d = start(private_bus, setup)
     try:
         client = bus_client.Client(address=private_bus.address)
         assert client.get("State") == "idle"

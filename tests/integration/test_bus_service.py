@@ -23,6 +23,7 @@ from support.dbus_harness import (
     Daemon,
     PolkitMock,
     PrivateBus,
+    daemon_command,
     relaunchctl,
     write_config,
 )
@@ -234,9 +235,9 @@ def test_cli_relaunch_wait(private_bus, daemon, images):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["state"] == "relaunching"
     history = json.loads(relaunchctl(private_bus, "history", "--json").stdout)
-    assert history[0]["result"] == "pending"
+    assert history[0]["event"] == "relaunch-started"
     r = relaunchctl(private_bus, "history")
-    assert r.returncode == 0 and "pending" in r.stdout
+    assert r.returncode == 0 and "relaunch-started" in r.stdout
 
 
 def test_cli_relaunch_wait_failure(private_bus, daemon, images):
@@ -373,11 +374,10 @@ def test_version_and_check_config(tmp_path, images):
     exe = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "relaunchd"
     r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=20)
     assert r.returncode == 0 and r.stdout.startswith("relaunchd ")
-    env = dict(os.environ, RELAUNCHD_TEST_ENGINE="dbus_fake_engine",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1] / "support"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "support"))
     cfg = write_config(tmp_path, images)
-    r = subprocess.run([str(exe), "--config", str(cfg), "--check-config"], env=env,
-                       capture_output=True, text=True, timeout=20)
+    r = subprocess.run([*daemon_command("fake-engine"), "--config", str(cfg),
+                        "--check-config"], env=env, capture_output=True, text=True, timeout=20)
     assert r.returncode == 0 and "OK" in r.stdout
 
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from relaunchd.engine import core as engine_mod
 from relaunchd.engine.config import Config, TrustConfig
 from relaunchd.engine.core import Engine
+from relaunchd.engine.host_machine import HostMachine
 from relaunchd.launch.assessment import Report
 from relaunchd.launch.checks import Check, Verdict
 from relaunchd.platform.sysroot import Read, SysRoot
 
 
-class KernelFake(engine_mod.Platform):
-    """The real Platform (so the real staging.prepare), with the kernel faked."""
+class KernelFake(HostMachine):
+    """The real machine (so the real staging.prepare), with the kernel faked."""
 
     def __init__(self, root: str) -> None:
         super().__init__(SysRoot(root))
@@ -49,7 +49,7 @@ class KernelFake(engine_mod.Platform):
     def handoff(self, kind):
         self.handoffs.append(kind)
 
-    def probe(self):
+    def readiness(self):
         verdicts = {m: Verdict(m, (Check(f"{m}-ok", m == "kexec", m),))
                     for m in ("txt", "skinit", "kexec")}
         return Report(self.root.root, {"kexec.support": Read("/sys", {"kexec_core": True})},
@@ -71,7 +71,7 @@ def setup(tmp_path, real_ukis, keys):
                     trust=TrustConfig(certificates=(str(keys["db"].cert),)))
     platform = KernelFake(str(root))
     names: list[set[str]] = []
-    engine = Engine(config, platform=platform, notify=names.append)
+    engine = Engine(config, platform, notify=names.append)
     yield engine, platform, images, config, names
     engine.close()
 
@@ -107,7 +107,7 @@ def test_stage_signed_uki_and_relaunch(setup, debian_kernel):
     inspected = engine.inspect(str(images / "signed.efi"))
     assert record["predictions"]["pcr11"]["sha256"] == inspected["pcr11"]["sha256"]
     assert inspected["signature"]["verified"] is True
-    assert any("Progress" in n for n in names)
+    assert any("progress" in n for n in names)
     assert len(open_fds() - before) == 3       # image, kernel, initrd memfds while staged
     engine.relaunch()
     assert platform.handoffs == ["systemd"] and engine.state == "relaunching"

@@ -14,16 +14,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from gi.repository import Gio, GLib
 
+from relaunchd.bus.logind import LOGIND_MANAGER, LOGIND_NAME, LOGIND_PATH, list_inhibitors
 from relaunchd.errors import RelaunchError
-from relaunchd.platform.inhibitors import (
-    LOGIND_MANAGER,
-    LOGIND_NAME,
-    LOGIND_PATH,
-    Inhibitor,
-    LogindUnavailable,
-    blocking_shutdown,
-    list_inhibitors,
-)
+from relaunchd.platform.inhibitors import Inhibitor, LogindUnavailable, blocking_shutdown
 from support.dbus_harness import PrivateBus
 
 MOCK_IFACE = "org.freedesktop.DBus.Mock"
@@ -254,7 +247,8 @@ def test_wrong_reply_type_is_an_error_not_garbage(plain_logind, connection):
 
 CHILD = """
 import json
-from relaunchd.platform.inhibitors import LogindUnavailable, blocking_shutdown, list_inhibitors
+from relaunchd.bus.logind import list_inhibitors
+from relaunchd.platform.inhibitors import LogindUnavailable, blocking_shutdown
 try:
     found = list_inhibitors(timeout_ms=5000)
 except LogindUnavailable as exc:

@@ -49,7 +49,7 @@ def tpm():
 
 def test_extend_replays_to_the_pcr(tpm, tmp_path):
     log_path = str(tmp_path / "state" / tpm_extend_log.LOG_NAME)
-    records = tpm_extend_log.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path,
+    records = tpm_extend_log.extend_and_log(tpm.tcti, PCR, BANKS, _items(), log_path=log_path,
                               relaunch_id="r1")
     assert [r.text.split()[0] for r in records] == [
         "relaunchd:kernel", "relaunchd:initrd", "relaunchd:cmdline"]
@@ -70,14 +70,14 @@ def test_extend_replays_to_the_pcr(tpm, tmp_path):
         for blob in ITEMS_DATA.values():
             value = hashlib.new(bank, value + hashlib.new(bank, blob).digest()).digest()
         assert actual[bank] == value
-    verdict = tpm_extend_log.verify(log_path, tpm.tcti, PCR, BANKS)
+    verdict = tpm_extend_log.replay(log_path, tpm.tcti, PCR, BANKS)
     assert verdict.ok, verdict.mismatches
     assert verdict.expected == {b: v.hex() for b, v in actual.items()}
 
     # A second relaunch without a TPM reset (kexec keeps PCR 23): the log keeps growing.
-    tpm_extend_log.extend(tpm.tcti, PCR, BANKS, _items({"kernel": b"next"}), log_path=log_path,
-                    relaunch_id="r2")
-    assert tpm_extend_log.verify(log_path, tpm.tcti, PCR, BANKS).ok
+    tpm_extend_log.extend_and_log(tpm.tcti, PCR, BANKS, _items({"kernel": b"next"}),
+                                  log_path=log_path, relaunch_id="r2")
+    assert tpm_extend_log.replay(log_path, tpm.tcti, PCR, BANKS).ok
 
 
 def _tampered(log: bytes, how: str) -> bytes:
@@ -100,7 +100,7 @@ def _tampered(log: bytes, how: str) -> bytes:
 @pytest.mark.parametrize("how", ["digest", "dropped", "reordered", "truncated", "removed"])
 def test_tampered_log_is_detected(tpm, tmp_path, how):
     log_path = str(tmp_path / tpm_extend_log.LOG_NAME)
-    tpm_extend_log.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path)
+    tpm_extend_log.extend_and_log(tpm.tcti, PCR, BANKS, _items(), log_path=log_path)
     with open(log_path, "rb") as f:
         log = f.read()
     if how == "removed":
@@ -108,7 +108,7 @@ def test_tampered_log_is_detected(tpm, tmp_path, how):
     else:
         with open(log_path, "wb") as f:
             f.write(log[:-3] if how == "truncated" else _tampered(log, how))
-    verdict = tpm_extend_log.verify(log_path, tpm.tcti, PCR, BANKS)
+    verdict = tpm_extend_log.replay(log_path, tpm.tcti, PCR, BANKS)
     assert not verdict.ok and verdict.mismatches
     if how == "digest":     # only the changed bank disagrees
         assert [m.split(":")[0] for m in verdict.mismatches] == ["PCR 23 sha256"]
@@ -120,19 +120,22 @@ def test_log_and_tpm_from_different_runs_disagree(tmp_path):
     first, second = str(tmp_path / "a.log"), str(tmp_path / "b.log")
     with running_swtpm() as sw:
         _reset(sw.tcti)
-        tpm_extend_log.extend(sw.tcti, PCR, BANKS, _items(), log_path=first, relaunch_id="r1")
+        tpm_extend_log.extend_and_log(sw.tcti, PCR, BANKS, _items(), log_path=first,
+                                      relaunch_id="r1")
     with running_swtpm() as sw:
         _reset(sw.tcti)
         other = dict(ITEMS_DATA, cmdline=b"root=/dev/vda1 ro relaunchd.id=r2")
-        tpm_extend_log.extend(sw.tcti, PCR, BANKS, _items(other), log_path=second, relaunch_id="r2")
-        assert tpm_extend_log.verify(second, sw.tcti, PCR, BANKS).ok
-        verdict = tpm_extend_log.verify(first, sw.tcti, PCR, BANKS)
+        tpm_extend_log.extend_and_log(sw.tcti, PCR, BANKS, _items(other), log_path=second,
+                                      relaunch_id="r2")
+        assert tpm_extend_log.replay(second, sw.tcti, PCR, BANKS).ok
+        verdict = tpm_extend_log.replay(first, sw.tcti, PCR, BANKS)
         assert not verdict.ok and len(verdict.mismatches) == 2
 
 
 def test_tpm2_eventlog_reads_the_log(tpm, tmp_path):
     log_path = str(tmp_path / tpm_extend_log.LOG_NAME)
-    tpm_extend_log.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path, relaunch_id="r1")
+    tpm_extend_log.extend_and_log(tpm.tcti, PCR, BANKS, _items(), log_path=log_path,
+                                  relaunch_id="r1")
     p = subprocess.run(["tpm2_eventlog", log_path], capture_output=True, text=True,
                        timeout=30, check=True)
     doc = yaml.safe_load(p.stdout)
@@ -159,9 +162,9 @@ def test_digests_for_a_memfd():
 def test_no_tpm_is_a_named_not_ready(tmp_path):
     log_path = str(tmp_path / tpm_extend_log.LOG_NAME)
     with pytest.raises(NotReady, match="no TPM"):
-        tpm_extend_log.extend(None, PCR, BANKS, _items(), log_path=log_path)
+        tpm_extend_log.extend_and_log(None, PCR, BANKS, _items(), log_path=log_path)
     with pytest.raises(NotReady, match="no TPM"):
-        tpm_extend_log.extend("swtpm:host=127.0.0.1,port=1", PCR, BANKS, _items(),
+        tpm_extend_log.extend_and_log("swtpm:host=127.0.0.1,port=1", PCR, BANKS, _items(),
                               log_path=log_path)
     assert not os.path.exists(log_path)
 
@@ -169,9 +172,9 @@ def test_no_tpm_is_a_named_not_ready(tmp_path):
 def test_bad_requests_change_nothing(tpm, tmp_path):
     log_path = str(tmp_path / tpm_extend_log.LOG_NAME)
     with pytest.raises(InvalidArgument, match="no sha384"):
-        tpm_extend_log.extend(tpm.tcti, PCR, ("sha384",), _items(), log_path=log_path)
+        tpm_extend_log.extend_and_log(tpm.tcti, PCR, ("sha384",), _items(), log_path=log_path)
     with pytest.raises(InvalidArgument):
-        tpm_extend_log.extend(tpm.tcti, 24, BANKS, _items(), log_path=log_path)
+        tpm_extend_log.extend_and_log(tpm.tcti, 24, BANKS, _items(), log_path=log_path)
     assert not os.path.exists(log_path)
     assert tpm_extend_log.current_pcr(tpm.tcti, PCR, ("sha256",))["sha256"] == bytes(32)
 
@@ -180,7 +183,7 @@ def test_refused_extend_leaves_no_record(tpm, tmp_path):
     # PCR 17 (DRTM) cannot be extended at locality 0 (ecosystem.md §6.4).
     log_path = str(tmp_path / tpm_extend_log.LOG_NAME)
     with pytest.raises(NotReady, match="TPM refused"):
-        tpm_extend_log.extend(tpm.tcti, 17, BANKS, _items(), log_path=log_path)
+        tpm_extend_log.extend_and_log(tpm.tcti, 17, BANKS, _items(), log_path=log_path)
     assert not os.path.exists(log_path)
 
 
@@ -188,7 +191,8 @@ def test_interrupted_extend_is_cut_back(tpm, tmp_path):
     """Write-ahead: a daemon killed after writing the log but before the extends leaves
     whole records the PCR lacks; `recover` cuts exactly those, and the log replays."""
     log_path = str(tmp_path / tpm_extend_log.LOG_NAME)
-    tpm_extend_log.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path, relaunch_id="r1")
+    tpm_extend_log.extend_and_log(tpm.tcti, PCR, BANKS, _items(), log_path=log_path,
+                                  relaunch_id="r1")
     with open(log_path, "rb") as f:
         good = f.read()
     ahead = good
@@ -197,17 +201,17 @@ def test_interrupted_extend_is_cut_back(tpm, tmp_path):
             PCR, digests, eventlog.describe(label, digests["sha256"], "r2")))
     with open(log_path, "wb") as f:
         f.write(ahead)
-    assert not tpm_extend_log.verify(log_path, tpm.tcti, PCR, BANKS).ok
+    assert not tpm_extend_log.replay(log_path, tpm.tcti, PCR, BANKS).ok
     assert tpm_extend_log.recover(log_path, tpm.tcti, PCR, BANKS) == 2
     with open(log_path, "rb") as f:
         assert f.read() == good
-    assert tpm_extend_log.verify(log_path, tpm.tcti, PCR, BANKS).ok
+    assert tpm_extend_log.replay(log_path, tpm.tcti, PCR, BANKS).ok
     assert tpm_extend_log.recover(log_path, tpm.tcti, PCR, BANKS) == 0
 
 
 def test_tampered_log_is_not_cut_back(tpm, tmp_path):
     log_path = str(tmp_path / tpm_extend_log.LOG_NAME)
-    tpm_extend_log.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path)
+    tpm_extend_log.extend_and_log(tpm.tcti, PCR, BANKS, _items(), log_path=log_path)
     with open(log_path, "rb") as f:
         tampered = _tampered(f.read(), "digest")
     with open(log_path, "wb") as f:
@@ -222,18 +226,19 @@ def test_tpm_reset_is_told_from_tampering(tpm, tmp_path):
     verify says so instead of calling it tampering, and the next extend starts a new log
     with the old one archived."""
     log_path = str(tmp_path / tpm_extend_log.LOG_NAME)
-    tpm_extend_log.extend(tpm.tcti, PCR, BANKS, _items(), log_path=log_path, relaunch_id="r1")
+    tpm_extend_log.extend_and_log(tpm.tcti, PCR, BANKS, _items(), log_path=log_path,
+                                  relaunch_id="r1")
     before = tpm_extend_log.reset_count(tpm.tcti)
     subprocess.run(["swtpm_ioctl", "--tcp", f"127.0.0.1:{tpm.ctrl_port}", "-i"],
                    check=True, timeout=10, capture_output=True)
     subprocess.run(["tpm2_startup", "-c", "-T", tpm.tcti], check=True, timeout=10)
     assert tpm_extend_log.reset_count(tpm.tcti) == before + 1
-    verdict = tpm_extend_log.verify(log_path, tpm.tcti, PCR, BANKS)
+    verdict = tpm_extend_log.replay(log_path, tpm.tcti, PCR, BANKS)
     assert not verdict.ok
     assert "TPM was reset" in verdict.mismatches[0]
-    tpm_extend_log.extend(tpm.tcti, PCR, BANKS, _items({"kernel": b"after reset"}),
+    tpm_extend_log.extend_and_log(tpm.tcti, PCR, BANKS, _items({"kernel": b"after reset"}),
                     log_path=log_path, relaunch_id="r2")
-    assert tpm_extend_log.verify(log_path, tpm.tcti, PCR, BANKS).ok
+    assert tpm_extend_log.replay(log_path, tpm.tcti, PCR, BANKS).ok
     assert os.path.exists(f"{log_path}.reset-{before}")
     with open(log_path, "rb") as f:
         assert len(eventlog.parse(f.read())) == 1

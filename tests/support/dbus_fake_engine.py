@@ -1,6 +1,6 @@
 """A fake engine with the `relaunchd.engine.Engine` surface, for the D-Bus tests.
 
-Loaded by the daemon through the test-only hook RELAUNCHD_TEST_ENGINE=dbus_fake_engine
+Run by `daemon_under_test.py fake-engine`
 (with tests/support on PYTHONPATH). It does real work where the bus tests need it to —
 staging reads and hashes the whole file in chunks, so a 100 MB stage keeps a thread
 busy like the real one — and fakes everything that would touch the host: nothing is
@@ -15,6 +15,7 @@ Config (YAML): image_dirs, state_dir, runtime_dir, root, chunk_delay (s per 1 Mi
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import threading
@@ -92,7 +93,7 @@ class Engine:
 
     @property
     def last_relaunch(self) -> dict:
-        return dict(self._history[0]) if self._history else {}
+        return {}          # this engine never proves a relaunch
 
     @property
     def last_error(self) -> dict:
@@ -100,13 +101,13 @@ class Engine:
 
     def _set(self, **changes) -> None:
         names = set()
-        for attr, prop in (("state", "State"), ("progress", "Progress"),
-                           ("staged", "StagedImage"), ("last_error", "LastError")):
+        for attr, prop in (("state", "state"), ("progress", "progress"),
+                           ("staged", "staged_image"), ("last_error", "last_error")):
             if attr in changes:
                 setattr(self, "_" + attr, changes[attr])
                 names.add(prop)
         if "state" in changes or "staged" in changes:
-            names.add("CanRelaunch")
+            names.add("can_relaunch")
         self._notify(names)
 
     # methods
@@ -205,9 +206,8 @@ class Engine:
             else:
                 delay = 3.0 if "slow" in os.path.basename(self._staged["path"]) else 0.2
                 threading.Timer(delay, self._relaunching, args=(ident,)).start()
-            self._history.insert(0, {"id": ident, "path": self._staged["path"],
-                                     "time": time.time(), "result": "pending",
-                                     "force": force})
+            self._record("relaunch-started", ident,
+                         {"path": self._staged["path"], "force": force})
             return ident
 
     def _relaunching(self, _ident) -> None:
@@ -215,9 +215,15 @@ class Engine:
 
     def _fail_relaunch(self, ident) -> None:
         err = KexecFailed("kexec hand-off failed: ENOSYS (fake)")
-        self._history[0]["result"] = "failed"
+        self._record("relaunch-failed", ident, {"error": err.name, "message": str(err)})
         self._set(state="failed", last_error={"name": err.name, "message": str(err),
                                               "id": ident})
+
+    def _record(self, event: str, ident: str, detail: dict) -> None:
+        """As the real engine's history: {time, event, id, detail}, newest first."""
+        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        self._history.insert(0, {"time": stamp, "event": event, "id": ident,
+                                 "detail": detail})
 
     def history(self, limit=50) -> list[dict]:
         return [dict(h) for h in self._history[:limit]]

@@ -124,23 +124,22 @@ class PrivateBus:
 
 
 class Daemon:
-    """`relaunchd --config FILE` on a PrivateBus; fake engine unless `real_engine`."""
+    """relaunchd's service on a PrivateBus, over `engine`: "fake-engine" (default) or
+    "fake-machine" (daemon_under_test.py), or "installed" (.venv/bin/relaunchd itself)."""
 
-    def __init__(self, bus: PrivateBus, config: Path, *, real_engine: bool = False,
+    def __init__(self, bus: PrivateBus, config: Path, *, engine: str = "fake-engine",
                  env: dict[str, str] | None = None) -> None:
         self.bus = bus
         self.config = config
-        extra = dict(env or {})
-        if not real_engine:
-            extra.setdefault("RELAUNCHD_TEST_ENGINE", "dbus_fake_engine")
-        self.env = bus.env(**extra)
+        self.engine = engine
+        self.env = bus.env(**dict(env or {}))
         self.proc: subprocess.Popen | None = None
         self.log = bus.dir / f"relaunchd-{time.monotonic_ns()}.log"
 
     def start(self, wait: bool = True) -> Daemon:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [str(VENV_BIN / "relaunchd"), "--config", str(self.config)], env=self.env,
+                [*daemon_command(self.engine), "--config", str(self.config)], env=self.env,
                 stdout=log, stderr=subprocess.STDOUT)
         if wait:
             def ready() -> bool:
@@ -158,6 +157,12 @@ class Daemon:
         _stop(self.proc, sig)
         _wait_for(lambda: not self.bus.has_owner(BUS_NAME), 10, "the name to be released")
         return self.proc.returncode if self.proc else None
+
+
+def daemon_command(engine: str) -> list[str]:
+    if engine == "installed":
+        return [str(VENV_BIN / "relaunchd")]
+    return [str(VENV_BIN / "python"), str(SUPPORT / "daemon_under_test.py"), engine]
 
 
 class PolkitMock:

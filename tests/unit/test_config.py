@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from relaunchd.engine import config as cfg
-from relaunchd.engine.config import Config, load_config, parse_config
+from relaunchd.engine.config import Config
+from relaunchd.engine.config_file import load_config, parse_config
 from relaunchd.errors import ConfigError, RelaunchError
 
 DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "relaunchd.yaml"

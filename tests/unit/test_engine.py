@@ -1,5 +1,5 @@
-"""The engine's state machine with a fake platform: transitions, Busy, cancel,
-failure without leftovers, reconcile, relaunch hand-off and roll-back, notify."""
+"""The engine's state machine with a fake machine (tests/support/fakes.py): transitions,
+Busy, cancel, failure without leftovers, reconcile, relaunch hand-off and roll-back, notify."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from relaunchd.engine import state
+from relaunchd.engine import core, state
 from relaunchd.engine.config import Config, LaunchConfig, TrustConfig
 from relaunchd.engine.core import Engine
-from relaunchd.engine.machine import BootFacts
 from relaunchd.errors import (
     Busy,
     InvalidArgument,
@@ -29,187 +28,10 @@ from relaunchd.errors import (
     RelaunchError,
     VerificationFailed,
 )
-from relaunchd.launch.assessment import Report
-from relaunchd.launch.checks import Check, Verdict
-from relaunchd.platform import quiesce
-from relaunchd.platform.sysroot import Read
-from relaunchd.platform.tpm_extend_log import Verdict as LogVerdict
+from relaunchd.platform.tpm_extend_log import ReplayResult
+from support.fakes import BOOT_ID, FakeMachine, FakeStaged, make_report
 
-PROPERTIES = {"State", "Progress", "StagedImage", "Capabilities", "CanRelaunch",
-              "LastRelaunch", "LastError", "Version"}
-BOOT_ID = "0f6e4d1c-0000-4000-8000-000000000001"
-
-
-# ------------------------------------------------------------------ fakes
-
-@dataclass
-class FakeBlob:
-    sha256: str
-
-
-@dataclass
-class FakeCmdline:
-    text: str
-
-
-@dataclass
-class FakeStaged:
-    """What staging.prepare returns, as far as the engine looks."""
-
-    id: str
-    source: str
-    method: str
-    loader: str
-    kernel: FakeBlob = field(default_factory=lambda: FakeBlob("11" * 32))
-    initrd: FakeBlob | None = field(default_factory=lambda: FakeBlob("22" * 32))
-    cmdline: FakeCmdline = field(default_factory=lambda: FakeCmdline("console=ttyS0"))
-    closed: int = 0
-
-    def plan(self) -> dict:
-        return {"pcr11": {"sha256": "33" * 32}, "pcr11_phases": {"enter-initrd": {}}}
-
-    def close(self) -> None:
-        self.closed += 1
-
-
-def make_report(ready: set[str] = frozenset({"kexec"}), kexec_core: bool = True) -> Report:
-    verdicts = {m: Verdict(m, (Check(f"{m}-ok", True, "fine"),) if m in ready
-                           else (Check(f"{m}-missing", False, "not here"),))
-                for m in ("txt", "skinit", "kexec")}
-    facts = {"kexec.support": Read("/sys/kernel/kexec_loaded",
-                                   {"kexec_core": kexec_core, "kexec_file_load": True})}
-    return Report("/", facts, verdicts)
-
-
-class FakePlatform:
-    def __init__(self, loaded: bool | None = False, report: Report | None = None) -> None:
-        self.loaded = loaded
-        self.report = report or make_report()
-        self.calls: list[tuple] = []
-        self.staged: list[FakeStaged] = []
-        self.options: list[Any] = []
-        self.fail_prepare: BaseException | None = None
-        self.fail_load: BaseException | None = None
-        self.fail_unload: BaseException | None = None
-        self.fail_handoff: BaseException | None = None
-        self.load_leaves_unloaded = False
-        self.progress_calls = 0
-        self.progress_delay = 0.0
-        self.in_prepare = threading.Event()
-        self.release_prepare = threading.Event()
-        self.release_prepare.set()
-        self.in_load = threading.Event()
-        self.release_load = threading.Event()
-        self.release_load.set()
-        self.inhibitors: list[dict] = []
-        self.tpm = True                       # False: measure raises NoTpm
-        self.fail_measure: BaseException | None = None
-        self.fail_quiesce: BaseException | None = None
-        self.reset_count = 7
-        self.verdict = LogVerdict(True, {"sha256": "aa"}, {"sha256": "aa"}, ())
-        self.facts = BootFacts(boot_id="new-boot", cmdline="console=ttyS0\n",
-                               kernel_started=None, now=time.time(), slaunch=False,
-                               drtm_pcrs={})
-        self.measured_items: list = []
-        self.dropped = 0
-
-    def kexec_loaded(self) -> bool | None:
-        return self.loaded
-
-    def prepare(self, path, options, progress=None):
-        self.calls.append(("prepare", path))
-        self.options.append(options)
-        self.in_prepare.set()
-        for i in range(self.progress_calls):
-            progress("verifying", i + 1, self.progress_calls)
-            if self.progress_delay:
-                time.sleep(self.progress_delay)
-        while not self.release_prepare.wait(0.005):
-            progress("verifying", 1, 2)          # the engine's chance to cancel
-        if self.fail_prepare is not None:
-            raise self.fail_prepare
-        staged = FakeStaged(options.relaunch_id, path, options.method,
-                            options.effective_loader)
-        self.staged.append(staged)
-        return staged
-
-    def load(self, staged) -> None:
-        self.calls.append(("load", staged.id))
-        self.in_load.set()
-        self.release_load.wait(10)
-        if self.fail_load is not None:
-            raise self.fail_load
-        self.loaded = not self.load_leaves_unloaded
-
-    def unload(self) -> None:
-        self.calls.append(("unload",))
-        if self.fail_unload is not None:
-            raise self.fail_unload
-        self.loaded = False
-
-    def handoff(self, kind: str) -> None:
-        self.calls.append(("handoff", kind))
-        if self.fail_handoff is not None:
-            raise self.fail_handoff
-
-    def probe(self) -> Report:
-        return self.report
-
-    def digests(self, staged, banks):
-        return {item: {b: f"{n:02x}" * 32 for b in banks}
-                for n, item in enumerate(("kernel", "initrd", "cmdline"), 1)}
-
-    def quiesce_plan(self, policy):
-        return quiesce.QuiescePlan(reboot_cpu=0, offline_cpus=(1,), kept_cpus=(), devices=(),
-                                   holders=())
-
-    def quiesce(self, plan, journal):
-        self.calls.append(("quiesce", plan.offline_cpus))
-        if self.fail_quiesce is not None:
-            raise self.fail_quiesce
-        return quiesce.ExecuteReport()
-
-    def rehearse(self, plan, journal):
-        self.calls.append(("rehearse", plan.offline_cpus))
-        if self.fail_quiesce is not None:
-            raise self.fail_quiesce
-        entry = quiesce.JournalEntry(quiesce.CPU_OFFLINE, "1", "1")
-        return quiesce.RehearsalReport([entry], True, True, [],
-                                       quiesce.RollbackReport(restored=["CPU 1 online"]))
-
-    def rollback(self, journal):
-        self.calls.append(("rollback",))
-        return quiesce.RollbackReport()
-
-    def block_inhibitors(self):
-        return list(self.inhibitors)
-
-    def measure(self, tcti, pcr, banks, items, log_path, relaunch_id):
-        from relaunchd.errors import NoTpm
-
-        self.calls.append(("measure", pcr))
-        if not self.tpm:
-            raise NoTpm("no TPM: cannot open device:/dev/tpmrm0")
-        if self.fail_measure is not None:
-            raise self.fail_measure
-        self.measured_items = list(items)
-        return self.reset_count
-
-    def measurement_verdict(self, log_path, tcti, pcr, banks):
-        return self.verdict
-
-    def tpm_reset_count(self, tcti):
-        return self.reset_count
-
-    def recover_log(self, log_path, tcti, pcr, banks):
-        self.calls.append(("recover",))
-        return self.dropped
-
-    def boot_facts(self, drtm, tcti):
-        return dataclasses.replace(self.facts, now=time.time())
-
-    def names(self) -> list[str]:
-        return [c[0] for c in self.calls]
+PROPERTIES = set(core.PROPERTIES)
 
 
 class Recorder:
@@ -224,7 +46,7 @@ class Recorder:
     def __call__(self, names: set[str]) -> None:
         with self.lock:
             self.calls.append(set(names))
-            if self.engine is not None and "State" in names:
+            if self.engine is not None and "state" in names:
                 self.states.append(self.engine.state)   # reading inside notify must work
 
     def all(self) -> set[str]:
@@ -237,13 +59,13 @@ class Recorder:
 @dataclass
 class Env:
     config: Config
-    platform: FakePlatform
+    machine: FakeMachine
     notes: Recorder
     image: str
     tmp: Path
 
     def engine(self, **kw) -> Engine:
-        engine = Engine(self.config, platform=self.platform, notify=self.notes, **kw)
+        engine = Engine(self.config, self.machine, notify=self.notes, **kw)
         self.notes.engine = engine
         return engine
 
@@ -267,10 +89,8 @@ def env(tmp_path, keys) -> Env:
     (tmp_path / "images").mkdir(mode=0o755)
     image = tmp_path / "images" / "linux.efi"
     image.write_bytes(b"MZ not really a UKI; the fake platform never parses it")
-    kernel = tmp_path / "platform" / "proc" / "sys" / "kernel" / "random"
-    kernel.mkdir(parents=True)
-    (kernel / "boot_id").write_text(BOOT_ID + "\n")
-    return Env(make_config(tmp_path, str(keys["db"].cert)), FakePlatform(), Recorder(),
+    (tmp_path / "platform").mkdir()
+    return Env(make_config(tmp_path, str(keys["db"].cert)), FakeMachine(), Recorder(),
                str(image), tmp_path)
 
 
@@ -298,11 +118,11 @@ def test_initial_properties(env):
     json.dumps([engine.progress, engine.staged_image, caps, engine.last_error])
     caps["best"] = "mutated"
     assert engine.capabilities["best"] == "kexec"     # copies, not the engine's own dicts
-    assert env.platform.names() == []                 # nothing loaded, nothing unloaded
+    assert env.machine.names() == []                 # nothing loaded, nothing unloaded
 
 
 def test_can_relaunch_na_without_kexec(env):
-    env.platform.report = make_report(ready=set(), kexec_core=False)
+    env.machine.report = make_report(ready=set(), kexec_core=False)
     engine = env.engine()
     assert engine.can_relaunch == "na"
     assert engine.capabilities["best"] is None
@@ -320,7 +140,7 @@ def test_can_relaunch_na_when_drtm_required_but_absent(env, tmp_path):
 
 
 def test_best_prefers_drtm(env):
-    env.platform.report = make_report(ready={"txt", "kexec"})
+    env.machine.report = make_report(ready={"txt", "kexec"})
     engine = env.engine()
     assert engine.capabilities["best"] == "txt"
 
@@ -331,8 +151,8 @@ def test_stage_to_staged(env):
     engine = env.engine()
     relaunch_id = engine.stage(env.image, append=["quiet"], cmdline="x=1", profile=0)
     assert engine.wait(5) == "staged"
-    assert env.platform.names() == ["prepare", "load"]
-    options = env.platform.options[0]
+    assert env.machine.names() == ["prepare", "load"]
+    options = env.machine.options[0]
     assert options.relaunch_id == relaunch_id and options.method == "kexec"
     assert options.append == ["quiet"] and options.custom_cmdline == "x=1"
     assert options.profile == 0 and options.add_id_argument is True
@@ -347,11 +167,11 @@ def test_stage_to_staged(env):
     assert record["predictions"]["pcr11"] == {"sha256": "33" * 32}
     assert engine.can_relaunch == "yes"
     assert engine.progress["percent"] == 100
-    assert {"State", "Progress", "StagedImage", "CanRelaunch"} <= env.notes.all()
+    assert {"state", "progress", "staged_image", "can_relaunch"} <= env.notes.all()
     assert env.notes.all() <= PROPERTIES
     assert env.notes.states == ["staging", "staged"]
     assert [h["event"] for h in engine.history()] == ["staged"]
-    assert env.platform.staged[0].closed == 0          # memfds stay open while staged
+    assert env.machine.staged[0].closed == 0          # memfds stay open while staged
 
 
 def test_stage_uses_configured_append_and_method(env, tmp_path):
@@ -359,11 +179,11 @@ def test_stage_uses_configured_append_and_method(env, tmp_path):
 
     env.config = make_config(tmp_path, env.config.trust.certificates[0],
                              cmdline=CmdlineConfig(append=("a=1",), id_argument=False))
-    env.platform.report = make_report(ready={"txt", "kexec"})
+    env.machine.report = make_report(ready={"txt", "kexec"})
     engine = env.engine()
     engine.stage(env.image, append=("b=2",))
     engine.wait(5)
-    options = env.platform.options[0]
+    options = env.machine.options[0]
     assert options.append == ["a=1", "b=2"] and options.add_id_argument is False
     assert options.method == "txt" and options.effective_loader == "segments"
     # The launch method looks where the configuration says (the same probe configuration
@@ -387,7 +207,7 @@ def test_stage_refused_synchronously(env, kwargs, error):
     with pytest.raises(error):
         engine.stage(path, **kwargs)
     assert engine.state == "idle" and engine.last_error == {}
-    assert env.platform.calls == []
+    assert env.machine.calls == []
     engine.stage(env.image)                   # the op lock was released
     assert engine.wait(5) == "staged"
 
@@ -409,11 +229,11 @@ def test_stage_missing_certificate_file(env, tmp_path):
 @pytest.mark.parametrize("where", ["prepare", "load", "load-not-loaded"])
 def test_stage_failure_leaves_nothing(env, where):
     if where == "prepare":
-        env.platform.fail_prepare = VerificationFailed("bad signature")
+        env.machine.fail_prepare = VerificationFailed("bad signature")
     elif where == "load":
-        env.platform.fail_load = KexecFailed("kexec_file_load: EPERM")
+        env.machine.fail_load = KexecFailed("kexec_file_load: EPERM")
     else:
-        env.platform.load_leaves_unloaded = True
+        env.machine.load_leaves_unloaded = True
     engine = env.engine()
     relaunch_id = engine.stage(env.image)
     assert engine.wait(5) == "failed"
@@ -422,21 +242,21 @@ def test_stage_failure_leaves_nothing(env, where):
                 "load-not-loaded": "KexecFailed"}[where]
     assert error["name"] == expected and error["message"] and error["time"]
     assert not env.staged_json.exists()
-    assert env.platform.loaded is False
+    assert env.machine.loaded is False
     assert engine.staged_image == {} and engine.can_relaunch == "no"
-    assert all(s.closed == 1 for s in env.platform.staged)
-    assert engine.history()[-1]["event"] == "stage-failed"
-    assert engine.history()[-1]["id"] == relaunch_id
-    assert "LastError" in env.notes.all()
+    assert all(s.closed == 1 for s in env.machine.staged)
+    assert engine.history()[0]["event"] == "stage-failed"
+    assert engine.history()[0]["id"] == relaunch_id
+    assert "last_error" in env.notes.all()
     # failed is not a dead end: a new stage clears LastError
-    env.platform.fail_prepare = env.platform.fail_load = None
-    env.platform.load_leaves_unloaded = False
+    env.machine.fail_prepare = env.machine.fail_load = None
+    env.machine.load_leaves_unloaded = False
     engine.stage(env.image)
     assert engine.wait(5) == "staged" and engine.last_error == {}
 
 
 def test_unexpected_exception_becomes_failed(env):
-    env.platform.fail_prepare = ZeroDivisionError("bug")
+    env.machine.fail_prepare = ZeroDivisionError("bug")
     engine = env.engine()
     engine.stage(env.image)
     assert engine.wait(5) == "failed"
@@ -451,16 +271,16 @@ def test_failure_after_partial_load_unloads(env, monkeypatch):
     def broken(record):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engine._store, "save_staged", broken)
+    monkeypatch.setattr(engine.store, "save_staged", broken)
     engine.stage(env.image)
     assert engine.wait(5) == "failed"
-    assert env.platform.names() == ["prepare", "load", "unload"]
-    assert env.platform.loaded is False and not env.staged_json.exists()
+    assert env.machine.names() == ["prepare", "load", "unload"]
+    assert env.machine.loaded is False and not env.staged_json.exists()
     assert "No space left" in engine.last_error["message"]
 
 
 def test_concurrent_stage_one_busy(env):
-    env.platform.release_prepare.clear()
+    env.machine.release_prepare.clear()
     engine = env.engine()
     barrier = threading.Barrier(2)
     results: list[Any] = []
@@ -483,80 +303,80 @@ def test_concurrent_stage_one_busy(env):
         engine.relaunch()
     with pytest.raises(Busy):
         engine.reconcile()
-    env.platform.release_prepare.set()
+    env.machine.release_prepare.set()
     assert engine.wait(5) == "staged"
-    assert env.platform.names().count("prepare") == 1
+    assert env.machine.names().count("prepare") == 1
 
 
 def test_stage_returns_before_work_is_done(env):
-    env.platform.release_prepare.clear()
+    env.machine.release_prepare.clear()
     engine = env.engine()
     start = time.monotonic()
     engine.stage(env.image)
     assert time.monotonic() - start < 1
-    assert env.platform.in_prepare.wait(5)
+    assert env.machine.in_prepare.wait(5)
     assert engine.state == "staging"
     assert engine.wait(0.05) == "staging"      # wait() times out
-    env.platform.release_prepare.set()
+    env.machine.release_prepare.set()
     assert engine.wait(5) == "staged"
 
 
 def test_cancel_during_prepare(env):
-    env.platform.release_prepare.clear()
+    env.machine.release_prepare.clear()
     engine = env.engine()
     relaunch_id = engine.stage(env.image)
-    assert env.platform.in_prepare.wait(5)
+    assert env.machine.in_prepare.wait(5)
     engine.cancel()
     assert engine.progress["step"] in ("cancelling", "verifying")
     engine.cancel()                             # asking twice is harmless
     assert engine.wait(5) == "idle"
-    assert env.platform.names() == ["prepare"]  # aborted inside prepare: nothing loaded
+    assert env.machine.names() == ["prepare"]  # aborted inside prepare: nothing loaded
     assert not env.staged_json.exists() and engine.last_error == {}
-    assert engine.history()[-1] == {**engine.history()[-1], "event": "cancelled",
+    assert engine.history()[0] == {**engine.history()[0], "event": "cancelled",
                                     "id": relaunch_id}
     assert env.notes.states[-1] == "idle"
 
 
 def test_cancel_during_load_unloads(env):
-    env.platform.release_load.clear()
+    env.machine.release_load.clear()
     engine = env.engine()
     engine.stage(env.image)
-    assert env.platform.in_load.wait(5)
+    assert env.machine.in_load.wait(5)
     engine.cancel()
-    env.platform.release_load.set()
+    env.machine.release_load.set()
     assert engine.wait(5) == "idle"
-    assert env.platform.names() == ["prepare", "load", "unload"]
-    assert env.platform.loaded is False and not env.staged_json.exists()
-    assert env.platform.staged[0].closed == 1
+    assert env.machine.names() == ["prepare", "load", "unload"]
+    assert env.machine.loaded is False and not env.staged_json.exists()
+    assert env.machine.staged[0].closed == 1
 
 
 def test_cancel_staged_unloads(env):
     engine, relaunch_id = staged_engine(env)
     engine.cancel()
     assert engine.state == "idle"
-    assert env.platform.names()[-1] == "unload" and env.platform.loaded is False
+    assert env.machine.names()[-1] == "unload" and env.machine.loaded is False
     assert not env.staged_json.exists()
-    assert env.platform.staged[0].closed == 1
+    assert env.machine.staged[0].closed == 1
     assert engine.staged_image == {} and engine.can_relaunch == "no"
-    assert engine.history()[-1]["event"] == "unstaged"
+    assert engine.history()[0]["event"] == "unstaged"
     with pytest.raises(NotStaged):
         engine.cancel()
 
 
 def test_cancel_staged_unload_failure_keeps_staged(env):
     engine, _ = staged_engine(env)
-    env.platform.fail_unload = KexecFailed("EBUSY")
+    env.machine.fail_unload = KexecFailed("EBUSY")
     with pytest.raises(KexecFailed):
         engine.cancel()
     assert engine.state == "staged" and env.staged_json.exists()
-    assert env.platform.staged[0].closed == 0
+    assert env.machine.staged[0].closed == 0
 
 
 def test_cancel_when_idle_or_failed(env):
     engine = env.engine()
     with pytest.raises(NotStaged):
         engine.cancel()
-    env.platform.fail_prepare = InvalidImage("nope")
+    env.machine.fail_prepare = InvalidImage("nope")
     engine.stage(env.image)
     engine.wait(5)
     with pytest.raises(NotStaged):
@@ -568,35 +388,35 @@ def test_restage_unloads_first(env):
     second = engine.stage(env.image)
     assert engine.wait(5) == "staged"
     assert second != first
-    assert env.platform.names() == ["prepare", "load", "unload", "prepare", "load"]
-    assert env.platform.staged[0].closed == 1 and env.platform.staged[1].closed == 0
+    assert env.machine.names() == ["prepare", "load", "unload", "prepare", "load"]
+    assert env.machine.staged[0].closed == 1 and env.machine.staged[1].closed == 0
     assert engine.staged_image["id"] == second
     assert json.loads(env.staged_json.read_text())["id"] == second
 
 
 def test_progress_throttled(env):
-    env.platform.progress_calls = 400
-    env.platform.progress_delay = 0.001
+    env.machine.progress_calls = 400
+    env.machine.progress_delay = 0.001
     engine = env.engine()
     start = time.monotonic()
     engine.stage(env.image)
     engine.wait(10)
     elapsed = time.monotonic() - start
     # ≤ 10/s from the throttle, plus the few forced ones at step changes
-    assert env.notes.count("Progress") <= elapsed * 10 + 8
-    assert env.notes.count("Progress") >= 2
+    assert env.notes.count("progress") <= elapsed * 10 + 8
+    assert env.notes.count("progress") >= 2
 
 
 def test_progress_percent_grows(env):
-    env.platform.release_prepare.clear()
-    env.platform.progress_calls = 3
+    env.machine.release_prepare.clear()
+    env.machine.progress_calls = 3
     engine = env.engine()
     engine.stage(env.image)
-    env.platform.in_prepare.wait(5)
+    env.machine.in_prepare.wait(5)
     time.sleep(0.05)
     mid = engine.progress
     assert mid["step"] == "verifying" and 0 < mid["percent"] < 100
-    env.platform.release_prepare.set()
+    env.machine.release_prepare.set()
     engine.wait(5)
     assert engine.progress["percent"] == 100
 
@@ -605,7 +425,7 @@ def test_notify_errors_do_not_break_the_engine(env):
     def broken(names):
         raise RuntimeError("adapter bug")
 
-    engine = Engine(env.config, platform=env.platform, notify=broken)
+    engine = Engine(env.config, env.machine, notify=broken)
     engine.stage(env.image)
     assert engine.wait(5) == "staged"
 
@@ -629,10 +449,10 @@ def write_record(env: Env, relaunch_id: str = "old-id") -> None:
 def test_reconcile_at_start(env, record, loaded, expect_state, expect_calls, keeps_record):
     if record:
         write_record(env)
-    env.platform.loaded = loaded
+    env.machine.loaded = loaded
     engine = env.engine()
     assert engine.state == expect_state
-    assert env.platform.names() == expect_calls
+    assert env.machine.names() == expect_calls
     assert env.staged_json.exists() == keeps_record
     if expect_state == "staged":
         assert engine.staged_image["id"] == "old-id"
@@ -640,14 +460,14 @@ def test_reconcile_at_start(env, record, loaded, expect_state, expect_calls, kee
         assert engine.can_relaunch == "yes"
     else:
         assert engine.staged_image == {}
-        assert env.platform.loaded is not True
+        assert env.machine.loaded is not True
     if record and not loaded:
-        assert engine.history()[-1]["event"] == "staged-lost"
+        assert engine.history()[0]["event"] == "staged-lost"
 
 
 def test_reconcile_unload_failure_is_failed_state(env):
-    env.platform.loaded = True
-    env.platform.fail_unload = KexecFailed("cannot unload")
+    env.machine.loaded = True
+    env.machine.fail_unload = KexecFailed("cannot unload")
     engine = env.engine()
     assert engine.state == "failed"
     assert engine.last_error["name"] == "KexecFailed"
@@ -655,18 +475,18 @@ def test_reconcile_unload_failure_is_failed_state(env):
 
 def test_reconcile_later_when_image_vanished(env):
     engine, _ = staged_engine(env)
-    env.platform.loaded = False           # someone ran `kexec -u`
+    env.machine.loaded = False           # someone ran `kexec -u`
     engine.reconcile()
     assert engine.state == "idle" and not env.staged_json.exists()
-    assert env.platform.staged[0].closed == 1
+    assert env.machine.staged[0].closed == 1
 
 
 def test_reconcile_corrupt_record(env):
     env.staged_json.parent.mkdir(parents=True, exist_ok=True)
     env.staged_json.write_text("{garbage")
-    env.platform.loaded = True
+    env.machine.loaded = True
     engine = env.engine()
-    assert engine.state == "idle" and env.platform.names() == ["unload"]
+    assert engine.state == "idle" and env.machine.names() == ["unload"]
     assert any(p.name.startswith("staged.json.corrupt-") for p in env.staged_json.parent.iterdir())
 
 
@@ -677,24 +497,24 @@ def test_relaunch_refused_unless_staged(env):
     with pytest.raises(NotStaged):
         engine.relaunch()
     assert not env.pending_json.exists()
-    assert ("handoff", "systemd") not in env.platform.calls
+    assert ("handoff", "systemd") not in env.machine.calls
 
 
 def test_relaunch_refused_when_not_loaded(env):
     engine, _ = staged_engine(env)
-    env.platform.loaded = False
+    env.machine.loaded = False
     with pytest.raises(NotReady, match="kexec_loaded"):
         engine.relaunch()
     assert not env.pending_json.exists()
     assert engine.state == "idle"              # the stale record was reconciled away
-    assert not any(c[0] == "handoff" for c in env.platform.calls)
+    assert not any(c[0] == "handoff" for c in env.machine.calls)
 
 
 def test_relaunch_hands_off(env):
     engine, relaunch_id = staged_engine(env)
     env.notes.calls.clear()
     assert engine.relaunch(force=True) == relaunch_id
-    assert env.platform.calls[-2:] == [("measure", 23), ("handoff", "systemd")]
+    assert env.machine.calls[-2:] == [("measure", 23), ("handoff", "systemd")]
     assert engine.state == "relaunching"
     pending = json.loads(env.pending_json.read_text())
     assert pending["id"] == relaunch_id and pending["handoff"] == "systemd"
@@ -703,10 +523,10 @@ def test_relaunch_hands_off(env):
     assert pending["method"] == "kexec" and pending["cmdline"] == "console=ttyS0"
     assert pending["predictions"]["pcr11"] == {"sha256": "33" * 32}
     assert pending["time"]
-    assert "State" in env.notes.all() and "CanRelaunch" in env.notes.all()
+    assert "state" in env.notes.all() and "can_relaunch" in env.notes.all()
     assert engine.can_relaunch == "no"
     assert engine.staged_image["id"] == relaunch_id     # still loaded while going down
-    assert engine.history()[-1]["event"] == "relaunch-started"
+    assert engine.history()[0]["event"] == "relaunch-started"
     with pytest.raises(Busy):
         engine.stage(env.image)
     with pytest.raises(Busy):
@@ -728,15 +548,15 @@ def test_relaunch_after_restart_uses_recorded_predictions(env):
                                      OSError(2, "No such file or directory")])
 def test_handoff_failure_rolls_back(env, failure):
     engine, _ = staged_engine(env)
-    env.platform.fail_handoff = failure
+    env.machine.fail_handoff = failure
     with pytest.raises(RelaunchError):
         engine.relaunch()
     assert not env.pending_json.exists()
     assert engine.state == "staged" and engine.can_relaunch == "yes"
     assert engine.last_error["name"] == "Failed"
-    assert env.platform.loaded is True and env.staged_json.exists()
-    assert engine.history()[-1]["event"] == "relaunch-failed"
-    env.platform.fail_handoff = None
+    assert env.machine.loaded is True and env.staged_json.exists()
+    assert engine.history()[0]["event"] == "relaunch-failed"
+    env.machine.fail_handoff = None
     engine.relaunch()                                # nothing half-done: it can try again
     assert engine.state == "relaunching"
 
@@ -744,8 +564,8 @@ def test_handoff_failure_rolls_back(env, failure):
 def test_immediate_quiesces_then_jumps(env):
     engine, relaunch_id = staged_engine(env)
     assert engine.relaunch(immediate=True) == relaunch_id
-    assert env.platform.names()[-3:] == ["measure", "quiesce", "handoff"]
-    assert env.platform.calls[-1] == ("handoff", "immediate")
+    assert env.machine.names()[-3:] == ["measure", "quiesce", "handoff"]
+    assert env.machine.calls[-1] == ("handoff", "immediate")
     assert "quiescing" in env.notes.states
     pending = json.loads(env.pending_json.read_text())
     assert pending["handoff"] == "immediate" and pending["measurement"]["measured"] is True
@@ -755,21 +575,21 @@ def test_immediate_quiesces_then_jumps(env):
 
 def test_immediate_kexec_failure_rolls_the_quiesce_back(env):
     engine, _ = staged_engine(env)
-    env.platform.fail_handoff = KexecFailed("reboot(LINUX_REBOOT_CMD_KEXEC) failed")
+    env.machine.fail_handoff = KexecFailed("reboot(LINUX_REBOOT_CMD_KEXEC) failed")
     with pytest.raises(KexecFailed):
         engine.relaunch(immediate=True)
-    assert env.platform.names()[-2:] == ["handoff", "rollback"]
+    assert env.machine.names()[-2:] == ["handoff", "rollback"]
     assert engine.state == "staged" and not env.pending_json.exists()
     assert engine.last_error["name"] == "KexecFailed"
 
 
 def test_failing_quiesce_stops_the_relaunch(env):
     engine, _ = staged_engine(env)
-    env.platform.fail_quiesce = QuiesceFailed("offline CPU 1 failed: EBUSY; rolled back")
+    env.machine.fail_quiesce = QuiesceFailed("offline CPU 1 failed: EBUSY; rolled back")
     with pytest.raises(QuiesceFailed):
         engine.relaunch(immediate=True)
-    assert "handoff" not in env.platform.names()
-    assert "rollback" not in env.platform.names()      # execute rolled back itself
+    assert "handoff" not in env.machine.names()
+    assert "rollback" not in env.machine.names()      # execute rolled back itself
     assert engine.state == "staged" and engine.last_error["name"] == "QuiesceFailed"
     assert not env.pending_json.exists()
 
@@ -782,13 +602,13 @@ def test_rehearse(env):
     assert report["executed"] == [{"action": "cpu-offline", "target": "1", "previous": "1"}]
     assert report["rollback"]["restored"] == ["CPU 1 online"]
     assert env.notes.states == ["quiescing", "staged"]
-    assert "handoff" not in env.platform.names() and not env.pending_json.exists()
-    assert engine.history()[-1]["event"] == "rehearsed"
-    env.platform.fail_quiesce = QuiesceFailed("unbind 0000:00:03.0 failed; rolled back")
+    assert "handoff" not in env.machine.names() and not env.pending_json.exists()
+    assert engine.history()[0]["event"] == "rehearsed"
+    env.machine.fail_quiesce = QuiesceFailed("unbind 0000:00:03.0 failed; rolled back")
     with pytest.raises(QuiesceFailed):
         engine.rehearse()
     assert engine.state == "staged" and engine.last_error["name"] == "QuiesceFailed"
-    assert engine.history()[-1]["event"] == "rehearsal-failed"
+    assert engine.history()[0]["event"] == "rehearsal-failed"
 
 
 def test_rehearse_needs_a_plan_for_the_staged_image(env):
@@ -797,7 +617,7 @@ def test_rehearse_needs_a_plan_for_the_staged_image(env):
     with pytest.raises(NotReady, match="no quiesce plan"):
         engine.rehearse()
     with pytest.raises(NotStaged):
-        env.engine().close() or Engine(env.config, platform=FakePlatform()).rehearse()
+        env.engine().close() or Engine(env.config, FakeMachine()).rehearse()
 
 
 def test_stage_records_digests_and_the_quiesce_plan(env):
@@ -814,9 +634,9 @@ def test_stage_records_digests_and_the_quiesce_plan(env):
 def test_measurement_extends_the_staged_digests(env):
     engine, relaunch_id = staged_engine(env)
     engine.relaunch()
-    assert [label for label, _ in env.platform.measured_items] == ["kernel", "initrd",
+    assert [label for label, _ in env.machine.measured_items] == ["kernel", "initrd",
                                                                    "cmdline"]
-    assert env.platform.measured_items[0][1] == {"sha256": bytes.fromhex("01" * 32)}
+    assert env.machine.measured_items[0][1] == {"sha256": bytes.fromhex("01" * 32)}
     measurement = json.loads(env.pending_json.read_text())["measurement"]
     assert measurement == {"measured": True, "pcr": 23, "banks": ["sha256"],
                            "log": os.path.join(env.config.state_dir, "measurements.log"),
@@ -830,7 +650,7 @@ def test_no_tpm_relaunches_unmeasured_unless_required(env, tmp_path):
     from relaunchd.errors import NoTpm
 
     engine, _ = staged_engine(env)
-    env.platform.tpm = False
+    env.machine.tpm = False
     engine.relaunch()
     measurement = json.loads(env.pending_json.read_text())["measurement"]
     assert measurement["measured"] is False and "no TPM" in measurement["reason"]
@@ -839,12 +659,12 @@ def test_no_tpm_relaunches_unmeasured_unless_required(env, tmp_path):
                                  runtime_dir=str(tmp_path / "run2"),
                                  measurement=MeasurementConfig(require_tpm=True))
     env.config = strict
-    env.platform.loaded = False
+    env.machine.loaded = False
     engine, _ = staged_engine(env)
     with pytest.raises(NoTpm, match="require_tpm"):
         engine.relaunch()
     assert engine.state == "staged" and engine.last_error["name"] == "NoTpm"
-    assert "handoff" not in env.platform.names()[-2:]
+    assert "handoff" not in env.machine.names()[-2:]
     assert not env.pending_json.exists()
 
 
@@ -852,34 +672,34 @@ def test_a_refusing_tpm_always_stops_the_relaunch(env):
     from relaunchd.errors import TpmFailed
 
     engine, _ = staged_engine(env)
-    env.platform.fail_measure = TpmFailed("TPM refused the extend: TPM_RC_LOCALITY")
+    env.machine.fail_measure = TpmFailed("TPM refused the extend: TPM_RC_LOCALITY")
     with pytest.raises(TpmFailed):
         engine.relaunch(force=True)
     assert engine.state == "staged" and engine.last_error["name"] == "TpmFailed"
-    assert env.platform.names()[-1] == "measure" and not env.pending_json.exists()
+    assert env.machine.names()[-1] == "measure" and not env.pending_json.exists()
 
 
 def test_inhibitors_block_unless_forced(env):
     from relaunchd.errors import Inhibited
 
     engine, _ = staged_engine(env)
-    env.platform.inhibitors = [{"what": "shutdown", "who": "apt", "why": "upgrading",
+    env.machine.inhibitors = [{"what": "shutdown", "who": "apt", "why": "upgrading",
                                 "mode": "block", "uid": 0, "pid": 4242}]
     with pytest.raises(Inhibited, match="apt .upgrading, pid 4242"):
         engine.relaunch()
-    assert engine.state == "staged" and "measure" not in env.platform.names()
+    assert engine.state == "staged" and "measure" not in env.machine.names()
     assert not env.pending_json.exists()
     engine.relaunch(force=True)
-    assert engine.history()[-1]["detail"]["overridden"] == [
+    assert engine.history()[0]["detail"]["overridden"] == [
         "inhibitors: apt (upgrading, pid 4242)"]
 
 
 def test_method_no_longer_ready_refuses(env):
     engine, _ = staged_engine(env)
-    env.platform.report = make_report(ready=set())
+    env.machine.report = make_report(ready=set())
     with pytest.raises(NotReady, match="no longer ready"):
         engine.relaunch()
-    assert engine.state == "staged" and "measure" not in env.platform.names()
+    assert engine.state == "staged" and "measure" not in env.machine.names()
 
 
 # ------------------------------------------------------------------ after the new boot
@@ -894,20 +714,20 @@ def relaunched(env: Env, **pending_changes) -> None:
         data.update(pending_changes)
         env.pending_json.write_text(json.dumps(data))
     new_boot(env)
-    env.platform.calls.clear()
+    env.machine.calls.clear()
 
 
 def new_boot(env: Env) -> None:
     """What a reboot does to the fakes: new boot id, /run emptied, no kexec image."""
-    (Path(env.config.root) / "proc/sys/kernel/random/boot_id").write_text("new-boot\n")
+    env.machine.boot = "new-boot"
     for path in Path(env.config.runtime_dir).iterdir():
         path.unlink()
-    env.platform.loaded = False
+    env.machine.loaded = False
 
 
 def test_new_boot_proves_the_relaunch(env):
     relaunched(env)
-    env.platform.facts = dataclasses.replace(env.platform.facts,
+    env.machine.facts = dataclasses.replace(env.machine.facts,
                                              kernel_started=time.time())
     engine = env.engine()
     last = engine.last_relaunch
@@ -916,7 +736,7 @@ def test_new_boot_proves_the_relaunch(env):
     assert last["previous_boot_id"] == BOOT_ID and last["boot_id"] == "new-boot"
     assert last["downtime_ms"] >= 0 and set(last["phases"]) == {"down_ms", "up_ms"}
     assert not env.pending_json.exists()
-    assert engine.history()[-1]["event"] == "relaunch-verified"
+    assert engine.history()[0]["event"] == "relaunch-verified"
     assert json.loads((Path(env.config.state_dir) / "last-relaunch.json").read_text()) == last
     assert env.engine().last_relaunch == last          # kept across restarts
 
@@ -929,13 +749,13 @@ def test_new_boot_proves_the_relaunch(env):
 ])
 def test_new_boot_that_is_not_the_staged_one_is_unverified(env, what, expect):
     relaunched(env)
-    p = env.platform
+    p = env.machine
     if what == "cmdline":
         p.facts = dataclasses.replace(p.facts, cmdline="console=ttyS0 quiet\n")
     elif what == "reset":
         p.reset_count = 8
     elif what == "log":
-        p.verdict = LogVerdict(False, {"sha256": "aa"}, {"sha256": "bb"},
+        p.verdict = ReplayResult(False, {"sha256": "aa"}, {"sha256": "bb"},
                             ("PCR 23 sha256: log replays to aa, TPM has bb",))
     else:
         p.facts = dataclasses.replace(p.facts, boot_id=BOOT_ID)
@@ -945,13 +765,13 @@ def test_new_boot_that_is_not_the_staged_one_is_unverified(env, what, expect):
     last = engine.last_relaunch
     assert last["verified"] is False
     assert any(expect in m for m in last["mismatches"]), last["mismatches"]
-    assert engine.history()[-1]["event"] == "relaunch-unverified"
+    assert engine.history()[0]["event"] == "relaunch-unverified"
 
 
 def test_unmeasured_relaunch_is_verified_without_a_tpm_check(env):
-    env.platform.tpm = False
+    env.machine.tpm = False
     relaunched(env)
-    env.platform.verdict = LogVerdict(False, {}, {}, ("would fail",))
+    env.machine.verdict = ReplayResult(False, {}, {}, ("would fail",))
     last = env.engine().last_relaunch
     assert last["verified"] is True and last["measured"] is False
 
@@ -960,34 +780,47 @@ def test_restart_in_the_same_boot_reports_an_aborted_relaunch(env):
     engine, relaunch_id = staged_engine(env)
     engine.relaunch()
     engine.close()         # as if SIGKILLed after the hand-off request, no new boot
-    env.platform.calls.clear()
-    env.platform.dropped = 3
+    env.machine.calls.clear()
+    env.machine.dropped = 3
     again = env.engine()
     assert again.state == "staged"                     # still loaded: can try again
     assert again.last_error["name"] == "RelaunchAborted"
     assert "3 measurement records" in again.last_error["message"]
-    assert ("recover",) in env.platform.calls
+    assert ("recover",) in env.machine.calls
     assert not env.pending_json.exists()
     assert not (Path(env.config.runtime_dir) / state.HANDOFF).exists()
-    assert again.history()[-1]["event"] == "relaunch-aborted"
+    assert again.history()[0]["event"] == "relaunch-aborted"
     assert again.last_relaunch == {}
     again.relaunch()
     assert again.state == "relaunching"
 
 
 def test_metrics_textfile(env, tmp_path):
-    from relaunchd.engine.config import MetricsConfig
+    """The daemon's exporter follows the engine's changes (as daemon.serve wires it)."""
+    from relaunchd.prometheus import TextfileExporter
 
     prom = tmp_path / "textfile" / "relaunchd.prom"
     prom.parent.mkdir()
-    env.config = dataclasses.replace(env.config,
-                                     metrics=MetricsConfig(textfile_path=str(prom)))
-    engine, _ = staged_engine(env)
+    exporters: list[TextfileExporter] = []
+
+    def engine_with_exporter() -> Engine:
+        def notify(names: set[str]) -> None:
+            for exporter in exporters:
+                exporter(names)
+
+        engine = Engine(env.config, env.machine, notify=notify)
+        exporters[:] = [TextfileExporter(engine, str(prom))]
+        exporters[0].export()
+        return engine
+
+    engine = engine_with_exporter()
+    relaunch_id = engine.stage(env.image)
+    assert engine.wait(5) == "staged", relaunch_id
     assert "relaunchd_staged 1" in prom.read_text()
     engine.relaunch()
     engine.close()
     new_boot(env)
-    env.engine()
+    engine_with_exporter()
     text = prom.read_text()
     assert "relaunchd_last_relaunch_verified 1" in text
     assert 'relaunchd_relaunches_total{result="verified"} 1' in text
@@ -1004,10 +837,10 @@ def test_check(env):
     assert engine.check("txt")["ready"] is False
     with pytest.raises(InvalidArgument):
         engine.check("grub")
-    env.platform.report = make_report(ready={"skinit", "kexec"})
+    env.machine.report = make_report(ready={"skinit", "kexec"})
     env.notes.calls.clear()
     engine.check()
-    assert "Capabilities" in env.notes.all()
+    assert "capabilities" in env.notes.all()
     assert engine.capabilities["best"] == "skinit"
 
 
@@ -1040,17 +873,17 @@ def test_history_limit(env):
 
 
 def test_close_aborts_staging_and_keeps_staged_loaded(env):
-    env.platform.release_prepare.clear()
+    env.machine.release_prepare.clear()
     engine = env.engine()
     engine.stage(env.image)
-    env.platform.in_prepare.wait(5)
+    env.machine.in_prepare.wait(5)
     engine.close()
-    assert engine.state == "idle" and env.platform.names() == ["prepare"]
-    env.platform.release_prepare.set()
+    assert engine.state == "idle" and env.machine.names() == ["prepare"]
+    env.machine.release_prepare.set()
     engine2, _ = staged_engine(env)
     engine2.close()
-    assert env.platform.loaded is True and env.staged_json.exists()
-    assert env.platform.staged[-1].closed == 1
+    assert env.machine.loaded is True and env.staged_json.exists()
+    assert env.machine.staged[-1].closed == 1
 
 
 def test_restage_announces_every_change(env):
@@ -1059,14 +892,14 @@ def test_restage_announces_every_change(env):
     engine.stage(env.image)
     engine.wait(5)
     # StagedImage went {} while staging and back: both announced
-    staged_image_calls = [c for c in env.notes.calls if "StagedImage" in c]
+    staged_image_calls = [c for c in env.notes.calls if "staged_image" in c]
     assert len(staged_image_calls) == 2
     assert env.notes.states == ["staging", "staged", "staging", "staged"]
 
 
 def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
     """The real hand-off queues kexec.target; a fake systemctl on PATH records it."""
-    from relaunchd.engine.machine import HANDOFF_COMMAND, Platform
+    from relaunchd.engine.host_machine import HANDOFF_COMMAND, HostMachine
 
     log = tmp_path / "args"
     tool = tmp_path / "bin" / "systemctl"
@@ -1075,7 +908,7 @@ def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
                     'exit 1; }\n')
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
-    platform = Platform()
+    platform = HostMachine()
     platform.handoff("systemd")
     assert log.read_text().split() == list(HANDOFF_COMMAND[1:])
     assert {"--job-mode=replace-irreversibly", "kexec.target"} <= set(HANDOFF_COMMAND)
@@ -1100,8 +933,8 @@ def test_a_drtm_relaunch_is_proven_against_the_drtm_log(env):
 
     relaunched(env, method="txt", loader="segments", predictions={"drtm": prediction()})
     log, values = launch_log()
-    env.platform.facts = dataclasses.replace(
-        env.platform.facts, slaunch=True, drtm_log=log,
+    env.machine.facts = dataclasses.replace(
+        env.machine.facts, slaunch=True, drtm_log=log,
         drtm_pcrs={"bank": "sha256", "values": values, "reset_state": False})
     last = env.engine().last_relaunch
     assert last["mismatches"] == [] and last["verified"] is True
@@ -1116,8 +949,8 @@ def test_a_drtm_log_with_a_changed_event_is_not_verified(env):
     tampered = bytearray(log)
     at = tampered.find(b"Measured Kernel command line") - 4 - 32   # its sha256 digest
     tampered[at] ^= 1
-    env.platform.facts = dataclasses.replace(
-        env.platform.facts, slaunch=True, drtm_log=bytes(tampered),
+    env.machine.facts = dataclasses.replace(
+        env.machine.facts, slaunch=True, drtm_log=bytes(tampered),
         drtm_pcrs={"bank": "sha256", "values": values, "reset_state": False})
     last = env.engine().last_relaunch
     assert last["verified"] is False and last["drtm"] is False
@@ -1127,7 +960,7 @@ def test_a_drtm_log_with_a_changed_event_is_not_verified(env):
 
 
 def test_the_staged_record_keeps_the_drtm_prediction():
-    from relaunchd.engine.core import _record_for
+    from relaunchd.engine.stage import record_for as _record_for
 
     class Staged(FakeStaged):
         def plan(self) -> dict:

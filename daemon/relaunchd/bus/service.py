@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.1                          # at most 10 Progress signals a second
 
 
+# The engine's property names → the D-Bus properties they are published as.
+PROPERTY_OF = {"state": "State", "progress": "Progress", "staged_image": "StagedImage",
+               "capabilities": "Capabilities", "can_relaunch": "CanRelaunch",
+               "last_relaunch": "LastRelaunch", "last_error": "LastError",
+               "version": "Version"}
+ENGINE_NAME_OF = {dbus: engine for engine, dbus in PROPERTY_OF.items()}
+
 # method → (polkit action or None, option schema)
 _METHODS: dict[str, tuple[str | None, dict[str, type]]] = {
     "Check": (None, {"method": str}),
@@ -110,7 +117,7 @@ class Service:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def on_change(self, hook: Callable[[set[str]], None]) -> None:
-        """Also run `hook(names)` on the main loop after each PropertiesChanged."""
+        """Also run `hook(engine names)` on the main loop after each PropertiesChanged."""
         self._hooks.append(hook)
 
     @property
@@ -119,9 +126,12 @@ class Service:
 
     # property changes (any thread → main loop)
 
-    def notify(self, names: Iterable[str]) -> None:
+    def notify(self, engine_names: Iterable[str]) -> None:
+        """The engine's change callback (any thread): the engine's names of what changed."""
         with self._lock:
-            names = set(names)
+            names = {PROPERTY_OF[n] for n in engine_names if n in PROPERTY_OF}
+            if not names:
+                return
             for name in names:
                 self._cache.pop(name, None)
             self._pending.update(names)
@@ -154,9 +164,10 @@ class Service:
             self._con.emit_signal(
                 None, OBJECT_PATH, PROPERTIES_IFACE, "PropertiesChanged",
                 GLib.Variant("(sa{sv}as)", (INTERFACE, changed, [])))
+        engine_names = {ENGINE_NAME_OF[n] for n in names if n in ENGINE_NAME_OF}
         for hook in self._hooks:
             try:
-                hook(names)
+                hook(engine_names)
             except Exception:
                 log.exception("property change hook")
         return False
@@ -175,11 +186,7 @@ class Service:
         return value
 
     def _read(self, name: str) -> GLib.Variant:
-        attr = {"State": "state", "Progress": "progress", "StagedImage": "staged_image",
-                "Capabilities": "capabilities", "CanRelaunch": "can_relaunch",
-                "LastRelaunch": "last_relaunch", "LastError": "last_error",
-                "Version": "version"}[name]
-        return property_variant(self._props[name], getattr(self.engine, attr))
+        return property_variant(self._props[name], getattr(self.engine, ENGINE_NAME_OF[name]))
 
     # incoming calls (main loop)
 

@@ -1,4 +1,4 @@
-"""`relaunchctl history`: past relaunches, newest first."""
+"""`relaunchctl history`: relaunchd's events (stage, relaunch, proof), newest first."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
         when = entry.get("time")
         stamp = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
                  if isinstance(when, int | float) else str(when or "?"))
-        print(f"{stamp}  {entry.get('id', '?')}  {entry.get('result', '?')}")
-        rest = {k: v for k, v in entry.items() if k not in ("time", "id", "result")}
-        for line in show_value(rest, 4):
+        print(f"{stamp}  {entry.get('event', '?')}  {entry.get('id') or '-'}")
+        rest = {k: v for k, v in entry.items() if k not in ("time", "id", "event")}
+        for line in show_value(rest.get("detail", rest), 4):
             print(line)
     return EXIT_OK

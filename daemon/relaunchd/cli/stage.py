@@ -7,12 +7,14 @@ local-only option is given; `--local` (or relaunchd being absent) stages in this
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from relaunchd.cli import EXIT_OK
 from relaunchd.cli.output import human_size, print_json, progress_printer
+from relaunchd.engine.config import Config, TrustConfig, TxtConfig
 from relaunchd.errors import InvalidArgument
-from relaunchd.platform import image_files
+from relaunchd.platform.image_files import DEFAULT_IMAGE_DIRS
 
 
 def register(subparsers) -> None:
@@ -87,27 +89,23 @@ def run_stage(args: argparse.Namespace) -> int:
 
         if busclient.daemon_available():
             return busclient.stage(args)
-    args.method = args.method or "kexec"
-    from relaunchd.launch import staging
-    from relaunchd.platform.sysroot import SysRoot
-
     if args.output and not args.dry_run:
         raise InvalidArgument("--output needs --dry-run")
-    # The certificates load (and cryptography imports) on a second thread while the
-    # image is copied (staging._Preload).
-    options = staging.StageOptions(
-        method=args.method, profile=args.profile, custom_cmdline=args.cmdline,
-        append=args.append, certificate_files=list(args.cert),
-        allow_unsigned=args.insecure_allow_unsigned,
-        root=SysRoot(args.root), loader=args.loader, sinit_acm=args.sinit_acm,
-        dl_handler=args.dl_handler, addons=not args.no_addons,
+    from relaunchd.engine.stage_request import StageRequest, stage_options
+    from relaunchd.launch import staging
+
+    # The same options the daemon's Stage builds (engine.stage_request), from a
+    # configuration made of these flags. The certificates load (and cryptography
+    # imports) on a second thread while the image is copied (staging._Preload).
+    request = StageRequest(
+        path=os.path.abspath(args.image), profile=args.profile,
+        method=args.method or "kexec", cmdline=args.cmdline, append=tuple(args.append),
+        loader=args.loader, allow_unsigned=args.insecure_allow_unsigned,
+        follow_symlinks=args.follow_symlinks, addons=not args.no_addons,
         boot_partition=args.boot_partition)
-    if args.image_dir:
-        options.policy = image_files.ImagePolicy(tuple(args.image_dir), args.follow_symlinks)
-    elif args.follow_symlinks:
-        options.policy = image_files.ImagePolicy(image_files.DEFAULT_IMAGE_DIRS, True)
+    options = stage_options(local_config(args), request, best_method=None, trusted=None)
     show = progress_printer(f"staging {args.image}")
-    staged = staging.prepare(args.image, options,
+    staged = staging.prepare(request.path, options,
                              progress=(lambda _step, d, t: show(d, t)) if show else None)
     try:
         written: list[str] = []
@@ -148,6 +146,16 @@ def run_stage(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         staged.close()
+
+
+def local_config(args: argparse.Namespace) -> Config:
+    """The configuration a local stage runs under: the defaults, with the flags' root,
+    image directories, trust and TXT inputs."""
+    txt = TxtConfig(sinit_acm=args.sinit_acm,
+                    dl_handler=args.dl_handler or TxtConfig.dl_handler)
+    return Config(root=args.root,
+                  image_dirs=tuple(args.image_dir) or DEFAULT_IMAGE_DIRS,
+                  trust=TrustConfig(certificates=tuple(args.cert)), txt=txt)
 
 
 def run_unload(args: argparse.Namespace) -> int:

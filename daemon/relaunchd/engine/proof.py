@@ -26,19 +26,131 @@ clock: after a kexec the new kernel reads the RTC again, so the split is ±1 s.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
-from relaunchd.engine.machine import BootFacts
+from relaunchd.engine import state
+from relaunchd.engine.config import Config
+from relaunchd.engine.journal_ids import MESSAGE_IDS
+from relaunchd.engine.last_error import error_json
+from relaunchd.engine.machine import BootFacts, Machine
+from relaunchd.engine.relaunch import log_path
 from relaunchd.engine.state import PendingRecord, now
-from relaunchd.errors import InvalidEventLog
+from relaunchd.errors import InvalidEventLog, NoTpm, RelaunchAborted, RelaunchError
 from relaunchd.formats import eventlog
 from relaunchd.formats.slrt import SL_EVTYPE_SECURE_LAUNCH
 from relaunchd.launch import registry
 from relaunchd.platform.tpm import DRTM_PCRS
-from relaunchd.platform.tpm_extend_log import Verdict
+from relaunchd.platform.tpm_extend_log import ReplayResult
+
+if TYPE_CHECKING:
+    from relaunchd.engine.core import Engine
+
+log = logging.getLogger("relaunchd.engine")
 
 
-def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: Verdict | None,
+class AfterBootProof:
+    """At the daemon's start: settle a pending relaunch record."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def conclude_pending(self) -> None:
+        """At start: a pending relaunch either led to this boot (prove it) or never got
+        away (the daemon was killed or systemd did not go through with it)."""
+        engine = self.engine
+        pending = engine.store.load_pending()
+        if pending is None:
+            return
+        boot_id = engine.machine.boot_id()
+        if pending.boot_id is not None and boot_id == pending.boot_id:
+            dropped = recover_measurement(engine.config, engine.machine, pending) \
+                if pending.measurement.get("measured") is not False else 0
+            rolled = None
+            if pending.handoff == "immediate":
+                try:
+                    rolled = engine.machine.rollback(
+                        engine.store.runtime_path(state.QUIESCE_JOURNAL))
+                except Exception as exc:
+                    log.error("cannot roll back the quiesce of relaunch %s: %s", pending.id,
+                              exc)
+            engine.store.clear_pending()
+            engine.store.clear_runtime(state.HANDOFF)
+            why = (f"relaunch {pending.id} did not happen: relaunchd restarted in the boot "
+                   "that requested it (killed before the hand-off, or the shutdown was "
+                   "cancelled)")
+            if dropped:
+                why += f"; {dropped} measurement records that never reached the TPM were cut"
+            error = RelaunchAborted(why)
+            engine.transition(last_error=error_json(error))
+            log.error("%s", why, extra={"MESSAGE_ID": MESSAGE_IDS["failure"],
+                                        "RELAUNCH_ID": pending.id})
+            engine.record_history("relaunch-aborted", pending.id, {
+                "why": why, "log_records_dropped": dropped,
+                "restored": rolled.restored if rolled is not None else []})
+            return
+        try:
+            result = conclude(engine.config, engine.machine, pending)
+        except Exception as exc:      # never keep the service down over the proof
+            log.exception("proving relaunch %s failed", pending.id)
+            result = {"id": pending.id, "image": pending.path, "method": pending.method,
+                      "time": pending.time, "verified": False, "measured": False,
+                      "drtm": False, "downtime_ms": None,
+                      "mismatches": [f"the proof could not run: {exc}"]}
+        engine.store.save_last_relaunch(result)
+        engine.store.clear_pending()
+        engine.transition(last_relaunch=result)
+        verified = bool(result.get("verified"))
+        event = "relaunch-verified" if verified else "relaunch-unverified"
+        engine.record_history(event, pending.id,
+                      {"mismatches": result.get("mismatches", []),
+                       "downtime_ms": result.get("downtime_ms"),
+                       "measured": result.get("measured")})
+        fields = {"MESSAGE_ID": MESSAGE_IDS["verified" if verified else "unverified"],
+                  "RELAUNCH_ID": pending.id}
+        if verified:
+            log.info("relaunch %s verified: running the staged image (%s, %s, %s ms)",
+                     pending.id, pending.method,
+                     "measured" if result.get("measured") else "not measured",
+                     result.get("downtime_ms"), extra=fields)
+        else:
+            log.error("relaunch %s NOT VERIFIED: %s", pending.id,
+                      "; ".join(result.get("mismatches", [])), extra=fields)
+
+
+def conclude(config: Config, machine: Machine, pending: PendingRecord) -> dict[str, Any]:
+    """The LastRelaunch record of the boot we are in, which `pending` led to."""
+    cfg = config.measurement
+    measurement = pending.measurement
+    verdict = reset_count = error = None
+    if measurement.get("measured"):
+        pcr = int(measurement.get("pcr", cfg.pcr))
+        banks = tuple(measurement.get("banks") or cfg.banks)
+        try:
+            reset_count = machine.tpm_reset_count(cfg.tcti)
+            verdict = machine.replay_log(measurement.get("log") or log_path(config),
+                                         cfg.tcti, pcr, banks)
+        except RelaunchError as exc:
+            error = str(exc)
+    facts = machine.boot_facts(registry.is_drtm(pending.method), cfg.tcti)
+    return evaluate(pending, facts, verdict=verdict, reset_count=reset_count,
+                            measurement_error=error)
+
+
+def recover_measurement(config: Config, machine: Machine, pending: PendingRecord) -> int:
+    """After a relaunch that stopped before the hand-off: cut the log back to the PCR
+    (a daemon killed between writing the log and extending). Records dropped."""
+    cfg = config.measurement
+    try:
+        return machine.recover_log(log_path(config), cfg.tcti, cfg.pcr, cfg.banks)
+    except NoTpm:
+        return 0
+    except RelaunchError as exc:
+        log.error("cannot check the measurement log after relaunch %s: %s", pending.id, exc)
+        return 0
+
+
+def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult | None,
              reset_count: int | None, measurement_error: str | None = None) -> dict[str, Any]:
     """The LastRelaunch record for the boot described by `facts`."""
     mismatches: list[str] = []

@@ -1,35 +1,203 @@
-"""The steps of a relaunch that are not state-machine bookkeeping (engine layer).
+"""The relaunch (engine layer): readiness, measurement, the hand-off, and the rehearsal.
 
-`engine.Engine` owns the states, the locks and the records' life cycle; this module
-holds what each step decides, with the platform doing the work:
-
-- `readiness`: may this relaunch go now? (method still ready, logind inhibitors);
-- `measure`: extend the staged digests into the configured PCR, or say why not;
-- `conclude`: after the new boot, the LastRelaunch record (proof.evaluate) and the
-  measurement facts it needs;
-- `metrics`: the Prometheus textfile view of the engine.
+`Relauncher.relaunch` refuses unless an image is staged, loaded and its method still ready;
+writes the pending record first (a daemon killed from then on is found out at its next
+start); extends the staged digests into the configured PCR with a log; and hands off to
+systemd (its shutdown hook quiesces) or, `immediate`, quiesces here and jumps. A hand-off
+that fails leaves everything as it was: staged, no pending record, LastError set.
+`rehearse` quiesces the live system as the relaunch would, checks, and rolls back.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
-from relaunchd.engine import proof
+from relaunchd.engine import state
 from relaunchd.engine.config import Config
-from relaunchd.engine.state import PendingRecord, StagedRecord, StateStore
-from relaunchd.errors import Inhibited, NoTpm, NotReady, RelaunchError
-from relaunchd.launch import registry
+from relaunchd.engine.journal_ids import MESSAGE_IDS
+from relaunchd.engine.last_error import as_error, error_json, kexec_loaded_text
+from relaunchd.engine.machine import Machine
+from relaunchd.engine.progress import progress_of
+from relaunchd.engine.state import StagedRecord
+from relaunchd.errors import (
+    Inhibited,
+    InvalidArgument,
+    NoTpm,
+    NotReady,
+    NotStaged,
+    QuiesceFailed,
+    RelaunchError,
+)
 from relaunchd.platform import quiesce
 from relaunchd.platform.tpm_extend_log import LOG_NAME
 
+if TYPE_CHECKING:
+    from relaunchd.engine.core import Engine
+
 log = logging.getLogger("relaunchd.engine")
+
+
+class Relauncher:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def relaunch(self, *, force: bool = False, immediate: bool = False) -> str:
+        """Measure, then hand the staged image to systemd (its shutdown hook quiesces),
+        or with `immediate` quiesce here and jump. Returns the relaunch id. On failure
+        everything is as before: staged, no pending record, LastError set, the error
+        raised; a measurement already extended stays in the log (it replays)."""
+        engine = self.engine
+        engine.begin_operation()
+        try:
+            record = self._relaunchable()
+            engine.refresh_capabilities()
+            overridden = readiness(engine.config, engine.machine, record,
+                                   engine.capabilities, force=force)
+            kind = "immediate" if immediate else "systemd"
+            plan = self._quiesce_plan(record) if immediate else None
+            pending = state.PendingRecord(
+                id=record.id, time=state.now(), path=record.path, method=record.method,
+                loader=record.loader, kernel_sha256=record.kernel_sha256,
+                initrd_sha256=record.initrd_sha256, cmdline=record.cmdline, handoff=kind,
+                boot_id=engine.machine.boot_id(), force=force, predictions=record.predictions or {},
+                handoff_at=time.time())
+            # Written first: a daemon killed from here on is found out at its next start.
+            engine.store.save_pending(pending)
+            engine.transition(state="relaunching", last_error={},
+                              progress=progress_of("measuring", 0, 3, 0))
+            quiesced = False
+            try:
+                measurement = measure(engine.config, engine.machine, record)
+                pending = dataclasses.replace(pending, measurement=measurement,
+                                              handoff_at=time.time())
+                engine.store.save_pending(pending)
+                engine.record_history("relaunch-started", record.id, {
+                    "handoff": kind, "force": force, "method": record.method,
+                    "measured": measurement["measured"], "overridden": overridden})
+                log.warning("relaunch %s: handing off (%s, %s)", record.id, kind,
+                            "measured" if measurement["measured"] else "NOT measured",
+                            extra={"MESSAGE_ID": MESSAGE_IDS["relaunch"],
+                                   "RELAUNCH_ID": record.id})
+                if plan is not None:
+                    engine.transition(state="quiescing",
+                                         progress=progress_of("quiescing", 1, 3, 40))
+                    quiesced = True
+                    engine.machine.quiesce(plan, self._journal_path())
+                    engine.transition(state="relaunching",
+                                         progress=progress_of("handing off", 2, 3, 80))
+                else:
+                    engine.store.save_runtime(state.HANDOFF, {"id": record.id})
+                    engine.transition(progress=progress_of("handing off", 2, 3, 80))
+                pending = dataclasses.replace(pending, handoff_at=time.time())
+                engine.store.save_pending(pending)
+                engine.machine.handoff(kind)
+            except BaseException as exc:
+                self._handoff_failed(record, kind, exc, quiesced)
+                if isinstance(exc, RelaunchError):
+                    raise
+                raise as_error(exc) from exc
+            log.info("relaunch %s handed off (%s)", record.id, kind)
+            engine.transition(progress=progress_of("handed off", 3, 3, 100))
+            return record.id
+        finally:
+            engine.release_operation()
+
+    def rehearse(self) -> dict:
+        """Quiesce the live system as the staged relaunch would, check, roll back, check
+        again. The report; QuiesceFailed (rolled back) when a step fails."""
+        engine = self.engine
+        engine.begin_operation()
+        try:
+            record = self._relaunchable()
+            plan = self._quiesce_plan(record)
+            engine.transition(state="quiescing", last_error={},
+                                 progress=progress_of("rehearsing", 0, 1, 0))
+            try:
+                report = engine.machine.rehearse(plan, self._journal_path())
+            except BaseException as exc:
+                error = as_error(exc)
+                engine.transition(state="staged", progress=progress_of("staged", 1, 1, 100),
+                                     last_error=error_json(error))
+                engine.record_history("rehearsal-failed", record.id,
+                              {"error": error.name, "message": str(error)})
+                raise error from exc
+            result = rehearsal_json(report)
+            engine.transition(state="staged", progress=progress_of("staged", 1, 1, 100))
+            engine.record_history("rehearsed", record.id, {
+                "ok": result["ok"], "executed": len(result["executed"]),
+                "mismatches": result["mismatches"]})
+            log.info("relaunch %s rehearsed: %s", record.id,
+                     "ok" if result["ok"] else "; ".join(result["mismatches"]) or "failed")
+            return result
+        finally:
+            engine.release_operation()
+
+    def _relaunchable(self) -> state.StagedRecord:
+        """The staged record, if it is staged and loaded (held: op lock)."""
+        engine = self.engine
+        with engine.lock:
+            current, record = engine.state, engine.record
+        if current != "staged" or record is None:
+            raise NotStaged(f"nothing is staged (state {current})")
+        loaded = engine.machine.kexec_loaded()
+        if loaded is not True:
+            engine.reconcile_locked()     # the record was stale: say so in State too
+            raise NotReady("the kernel reports no kexec image loaded "
+                           f"(/sys/kernel/kexec_loaded: {kexec_loaded_text(loaded)}); stage again")
+        return record
+
+    def _quiesce_plan(self, record: state.StagedRecord) -> quiesce.QuiescePlan:
+        saved = self.engine.store.load_runtime(state.QUIESCE_PLAN)
+        if saved is None or saved.get("id") != record.id:
+            raise NotReady(f"no quiesce plan for {record.id} in {self.engine.config.runtime_dir}; "
+                           "stage again")
+        try:
+            return quiesce.QuiescePlan.from_json(json.dumps(saved.get("plan")))
+        except InvalidArgument as exc:
+            raise NotReady(f"the quiesce plan of {record.id} is unusable: {exc}; "
+                           "stage again") from exc
+
+    def _journal_path(self) -> str:
+        return self.engine.store.runtime_path(state.QUIESCE_JOURNAL)
+
+    def _handoff_failed(self, record: state.StagedRecord, kind: str, exc: BaseException,
+                        quiesced: bool) -> None:
+        """Undo a relaunch that did not get away: roll back a quiesce, forget the
+        pending record and the hook's marker, back to staged with LastError."""
+        engine = self.engine
+        error = as_error(exc)
+        notes = []
+        if quiesced and not isinstance(exc, QuiesceFailed):   # QuiesceFailed rolled back
+            try:
+                rolled = engine.machine.rollback(self._journal_path())
+                if not rolled.ok:
+                    notes.append("ROLLBACK INCOMPLETE: " + "; ".join(rolled.failed))
+            except Exception as rb:
+                notes.append(f"ROLLBACK FAILED: {rb}")
+        for clear in (engine.store.clear_pending,
+                      lambda: engine.store.clear_runtime(state.HANDOFF)):
+            try:
+                clear()
+            except OSError as os_exc:
+                notes.append(f"cannot clean up: {os_exc}")
+        message = str(error) + ("; " + "; ".join(notes) if notes else "")
+        shown = {"name": error.name, "message": message, "time": state.now()}
+        engine.transition(state="staged", progress=progress_of("staged", 1, 1, 100),
+                             last_error=shown)
+        log.warning("relaunch %s: %s hand-off failed: %s", record.id, kind, message)
+        engine.record_history("relaunch-failed", record.id,
+                      {"error": error.name, "message": message, "handoff": kind})
+
 
 MEASURED_ITEMS = ("kernel", "initrd", "cmdline")    # in this order, into one PCR
 
 
-def readiness(config: Config, platform: Any, record: StagedRecord,
+def readiness(config: Config, machine: Machine, record: StagedRecord,
               capabilities: dict[str, Any], *, force: bool) -> list[str]:
     """Refuse (NotReady, Inhibited) what `force` does not override; return what it did."""
     overridden: list[str] = []
@@ -48,7 +216,7 @@ def readiness(config: Config, platform: Any, record: StagedRecord,
                            "`relaunchctl check`, or force")
         overridden.append(f"method {record.method} not ready: {why}")
     if config.quiesce.respect_inhibitors:
-        blockers = platform.block_inhibitors()
+        blockers = machine.block_inhibitors()
         if blockers:
             named = "; ".join(f"{b['who']} ({b['why']}, pid {b['pid']})" for b in blockers)
             if not force:
@@ -62,7 +230,7 @@ def log_path(config: Config) -> str:
     return os.path.join(config.state_dir, LOG_NAME)
 
 
-def measure(config: Config, platform: Any, record: StagedRecord) -> dict[str, Any]:
+def measure(config: Config, machine: Machine, record: StagedRecord) -> dict[str, Any]:
     """Extend kernel, initrd and cmdline into the PCR; the `measurement` of the pending
     record. Without a TPM: unmeasured when allowed (require_tpm off), else NoTpm. A TPM
     that refuses (TpmFailed) always stops the relaunch."""
@@ -82,7 +250,7 @@ def measure(config: Config, platform: Any, record: StagedRecord) -> dict[str, An
     if not items:
         raise NotReady("the staged record carries no digests to measure; stage again")
     try:
-        count = platform.measure(cfg.tcti, cfg.pcr, cfg.banks, items, log_path(config),
+        count = machine.measure(cfg.tcti, cfg.pcr, cfg.banks, items, log_path(config),
                                  record.id)
     except NoTpm as exc:
         if cfg.require_tpm:
@@ -93,38 +261,6 @@ def measure(config: Config, platform: Any, record: StagedRecord) -> dict[str, An
             "items": [label for label, _ in items]}
 
 
-def conclude(config: Config, platform: Any, pending: PendingRecord) -> dict[str, Any]:
-    """The LastRelaunch record of the boot we are in, which `pending` led to."""
-    cfg = config.measurement
-    measurement = pending.measurement
-    verdict = reset_count = error = None
-    if measurement.get("measured"):
-        pcr = int(measurement.get("pcr", cfg.pcr))
-        banks = tuple(measurement.get("banks") or cfg.banks)
-        try:
-            reset_count = platform.tpm_reset_count(cfg.tcti)
-            verdict = platform.measurement_verdict(measurement.get("log") or log_path(config),
-                                                   cfg.tcti, pcr, banks)
-        except RelaunchError as exc:
-            error = str(exc)
-    facts = platform.boot_facts(registry.is_drtm(pending.method), cfg.tcti)
-    return proof.evaluate(pending, facts, verdict=verdict, reset_count=reset_count,
-                            measurement_error=error)
-
-
-def recover_measurement(config: Config, platform: Any, pending: PendingRecord) -> int:
-    """After a relaunch that stopped before the hand-off: cut the log back to the PCR
-    (a daemon killed between writing the log and extending). Records dropped."""
-    cfg = config.measurement
-    try:
-        return platform.recover_log(log_path(config), cfg.tcti, cfg.pcr, cfg.banks)
-    except NoTpm:
-        return 0
-    except RelaunchError as exc:
-        log.error("cannot check the measurement log after relaunch %s: %s", pending.id, exc)
-        return 0
-
-
 def plan_summary(plan: quiesce.QuiescePlan) -> dict[str, Any]:
     return {"offline_cpus": list(plan.offline_cpus),
             "devices": [{"address": d.address, "driver": d.driver} for d in plan.devices],
@@ -133,21 +269,12 @@ def plan_summary(plan: quiesce.QuiescePlan) -> dict[str, Any]:
             "notes": list(plan.notes)}
 
 
-def write_metrics(config: Config, store: StateStore, *, state: str, staged: bool,
-                  last_relaunch: dict[str, Any]) -> None:
-    path = config.metrics.textfile_path
-    if not path:
-        return
-    from relaunchd import prometheus
-
-    totals = {"verified": 0, "unverified": 0}
-    for entry in store.history():
-        if entry.event == "relaunch-verified":
-            totals["verified"] += 1
-        elif entry.event == "relaunch-unverified":
-            totals["unverified"] += 1
-    try:
-        prometheus.write_textfile(path, prometheus.Metrics(
-            staged=staged, last_relaunch=last_relaunch, relaunches_total=totals, state=state))
-    except OSError as exc:
-        log.warning("cannot write the metrics textfile %s: %s", path, exc)
+def rehearsal_json(report: quiesce.RehearsalReport) -> dict:
+    return {"ok": report.ok, "quiesced_ok": report.quiesced_ok,
+            "restored_ok": report.restored_ok, "mismatches": list(report.mismatches),
+            "executed": [{"action": e.action, "target": e.target, "previous": e.previous}
+                         for e in report.executed],
+            "rollback": {"restored": list(report.rollback.restored),
+                         "already": list(report.rollback.already),
+                         "failed": list(report.rollback.failed),
+                         "notes": list(report.rollback.notes)}}

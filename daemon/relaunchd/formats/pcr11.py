@@ -56,7 +56,7 @@ def measured_names(stub_major: int | None) -> tuple[str, ...]:
     )
 
 
-def extend(bank: str, pcr: bytes, digest: bytes) -> bytes:
+def extended(bank: str, pcr: bytes, digest: bytes) -> bytes:
     return hashlib.new(bank, pcr + digest).digest()
 
 
@@ -84,15 +84,15 @@ def predict(sections: list[MeasuredSection], banks: tuple[str, ...],
     for section in sections:
         for bank in banks:
             name_digest = hashlib.new(bank, section.name.encode() + b"\0").digest()
-            values[bank] = extend(bank, values[bank], name_digest)
-            values[bank] = extend(bank, values[bank], section.digests[bank])
+            values[bank] = extended(bank, values[bank], name_digest)
+            values[bank] = extended(bank, values[bank], section.digests[bank])
     phase_values: dict[str, dict[str, bytes]] = {}
     for path in phases:
         current = dict(values)
         for word in filter(None, path.split(":")):
             for bank in banks:
                 word_digest = hashlib.new(bank, word.encode()).digest()
-                current[bank] = extend(bank, current[bank], word_digest)
+                current[bank] = extended(bank, current[bank], word_digest)
         phase_values[path] = current
     return Pcr11Prediction(banks=banks, sections=sections, after_sections=values,
                            phases=phase_values)

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from relaunchd.errors import InvalidArgument
+from relaunchd.launch.names import DRTM_NAMES, NAMES, is_drtm
 
 if TYPE_CHECKING:
     from relaunchd.launch.protocol import LaunchMethod
 
-# Strongest first: a DRTM launch before a plain measured kexec.
-NAMES = ("txt", "skinit", "kexec")
-DRTM_NAMES = ("txt", "skinit")
+__all__ = ["DRTM_NAMES", "NAMES", "is_drtm", "method", "methods"]
+
 
 
 def method(name: str) -> LaunchMethod:
@@ -35,7 +35,3 @@ def method(name: str) -> LaunchMethod:
 
 def methods() -> tuple[LaunchMethod, ...]:
     return tuple(method(name) for name in NAMES)
-
-
-def is_drtm(name: str) -> bool:
-    return name in DRTM_NAMES

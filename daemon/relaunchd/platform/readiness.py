@@ -20,6 +20,7 @@ from typing import Any
 from relaunchd.formats import acm as acmfmt
 from relaunchd.platform import tpm as tpmfacts
 from relaunchd.platform import txt_registers as txtregs
+from relaunchd.platform.probe_config import ProbeConfig
 from relaunchd.platform.secure_boot import read_efi_bool, read_lockdown
 from relaunchd.platform.sysroot import NOT_PRESENT, PERMISSION, Read, SysRoot
 
@@ -34,17 +35,6 @@ CONFIG_KEYS = ("KEXEC", "KEXEC_FILE", "KEXEC_SIG", "KEXEC_SIG_FORCE", "SECURE_LA
 ACM_PATTERNS = ("*sinit*.bin", "*sinit*.acm")   # GRUB-AEM convention (drtm.md §3.6)
 MAX_ACM_FILES = 32
 CPUINFO_HEAD = 16 << 10      # the first processor block is all we need
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Where to look. Paths are platform paths, resolved under `root`."""
-
-    root: str = "/"
-    acm_dirs: tuple[str, ...] = ("/boot", "/lib/firmware/intel-txt", "/usr/lib/relaunchd/acm")
-    dl_handler: str = "/usr/lib/relaunchd/txt-dl-handler.bin"
-    skl: str = "/usr/lib/relaunchd/skl.bin"
-    tpm_tcti: str | None = None       # None: the kernel resource manager on the real root only
 
 
 @dataclass

@@ -43,7 +43,7 @@ DEFAULT_BANKS = ("sha256",)
 
 
 @dataclass(frozen=True)
-class Verdict:
+class ReplayResult:
     ok: bool
     expected: dict[str, str]        # bank -> hex PCR value the log replays to
     actual: dict[str, str]          # bank -> hex PCR value read from the TPM
@@ -66,7 +66,7 @@ def tcti_for(tcti_or_device: str | None) -> str:
     return tcti_or_device
 
 
-def extend(tcti_or_device: str | None, pcr: int, banks: Sequence[str],
+def extend_and_log(tcti_or_device: str | None, pcr: int, banks: Sequence[str],
            items: Sequence[tuple[str, Mapping[str, bytes]]], *, log_path: str,
            relaunch_id: str = "") -> list[Record]:
     """Extend each item's digests into `pcr` (all `banks` at once, TPM2_PCR_Extend)
@@ -167,8 +167,8 @@ def current_pcr(tcti_or_device: str | None, pcr: int, banks: Sequence[str]) -> d
         return _read_pcr(ectx, pytss, pcr, banks)
 
 
-def verify(log_path: str, tcti_or_device: str | None, pcr: int,
-           banks: Sequence[str]) -> Verdict:
+def replay(log_path: str, tcti_or_device: str | None, pcr: int,
+           banks: Sequence[str]) -> ReplayResult:
     """Replay the log for `pcr` in every bank and compare with the TPM.
 
     A missing log replays to the reset value (zeros); an unreadable or malformed log
@@ -178,7 +178,7 @@ def verify(log_path: str, tcti_or_device: str | None, pcr: int,
         count = _reset_count(ectx)
     recorded = _read(log_path + EPOCH_SUFFIX).strip().decode(errors="replace")
     if recorded and recorded != str(count):
-        return Verdict(False, {}, actual, (
+        return ReplayResult(False, {}, actual, (
             f"log {log_path} belongs to TPM reset count {recorded}, the TPM is at {count}: "
             f"the TPM was reset (a firmware reboot), so PCR {pcr} no longer holds it",))
     try:
@@ -186,10 +186,10 @@ def verify(log_path: str, tcti_or_device: str | None, pcr: int,
         records = eventlog.parse(data) if data else []
         expected = {b: eventlog.replay(records, b, pcr).hex() for b in banks}
     except (OSError, InvalidEventLog, ValueError) as exc:
-        return Verdict(False, {}, actual, (f"log {log_path}: {exc}",))
+        return ReplayResult(False, {}, actual, (f"log {log_path}: {exc}",))
     mismatches = tuple(f"PCR {pcr} {b}: log replays to {expected[b]}, TPM has {actual[b]}"
                        for b in banks if expected[b] != actual[b])
-    return Verdict(not mismatches, expected, actual, mismatches)
+    return ReplayResult(not mismatches, expected, actual, mismatches)
 
 
 def _read_pcr(ectx: Any, pytss: Any, pcr: int, banks: Sequence[str]) -> dict[str, bytes]:

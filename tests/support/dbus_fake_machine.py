@@ -1,9 +1,9 @@
-"""A test-only `engine.Platform` for the bus tests with the real engine
-(RELAUNCHD_TEST_PLATFORM=dbus_fake_platform:make). Verification is real
-(`staging.prepare`), and so are the quiesce plan (read-only) and the measurement (no
-TPM on a development host: unmeasured); the kexec load is a file, quiesce and its
-rehearsal only record the plan, and the hand-off only writes a marker: nothing here
-can load a kernel, offline a CPU, reboot or start kexec.target on the host.
+"""A test-only machine for the bus tests with the real engine
+(`daemon_under_test.py fake-machine`). Verification is real (`staging.prepare`), and so
+are the quiesce plan (read-only) and the measurement (no TPM on a development host:
+unmeasured); the kexec load is a file, quiesce and its rehearsal only record the plan, and
+the hand-off only writes a marker: nothing here can load a kernel, offline a CPU, reboot or
+start kexec.target on the host.
 
 Environment: FAKE_LOAD_DELAY (s, default 0) slows the load so a test can kill the
 daemon mid-staging; FAKE_HANDOFF_STOPS_US=1 makes the hand-off SIGTERM the daemon before
@@ -17,13 +17,13 @@ import signal
 import time
 from pathlib import Path
 
-from relaunchd.engine.core import Platform
+from relaunchd.engine.host_machine import HostMachine
 from relaunchd.platform import quiesce
 
 
-class FakePlatform(Platform):
+class HostMachineWithoutSideEffects(HostMachine):
     def __init__(self, config) -> None:
-        base = Platform.for_config(config)
+        base = HostMachine.for_config(config)
         super().__init__(base.root, base.probe_config)
         self.flag = Path(config.runtime_dir) / "fake-kexec-loaded"
         self.handoffs = Path(config.runtime_dir) / "fake-handoffs"
@@ -55,7 +55,3 @@ class FakePlatform(Platform):
 
     def rollback(self, journal):
         return quiesce.RollbackReport()
-
-
-def make(config) -> FakePlatform:
-    return FakePlatform(config)
