@@ -87,7 +87,7 @@ def load_config(path: str) -> Any:
     return load(path)
 
 
-class Journal:
+class JournalReporter:
     """Turns engine state changes into structured journal records and sd_notify STATUS."""
 
     def __init__(self, engine: Any) -> None:
@@ -150,7 +150,7 @@ def serve(config: Any, make_engine: EngineFactory = build_engine) -> int:
     exporter.export()
     service = Service(engine, connection)
     holder["service"] = service
-    journal = Journal(engine)
+    journal = JournalReporter(engine)
     service.on_change(journal)
     loop = mainloop.main_loop()
     try:

@@ -44,7 +44,7 @@ def initrd():
 def test_full_plan_for_debian_kernel(kernel, initrd):
     slrt = b"SLRT-bytes-" * 50
     plan = sg.plan_segments(kernel, cmdline=CMDLINE, memmap=MEMMAP, initrd=initrd, slrt=slrt,
-                            facts=sg.BootFacts(acpi_rsdp=0xF5A40))
+                            firmware=sg.FirmwareInfo(acpi_rsdp=0xF5A40))
     h = plan.header
     seg = {s.name: s for s in plan.segments}
     assert list(seg) == ["kernel", "initrd", "zero-page", "cmdline", "setup-data", "purgatory"]
@@ -121,7 +121,7 @@ def test_plan_json_hashes_every_segment(kernel, initrd):
 
 
 def test_pref_address_taken_moves_to_next_aligned_base(kernel):
-    sinit = sg.Blob("sinit", b"\x00" * 0x30000, address=0x1200000)
+    sinit = sg.SegmentRequest("sinit", b"\x00" * 0x30000, address=0x1200000)
     plan = sg.plan_segments(kernel, cmdline=b"x", memmap=MEMMAP, extras=[sinit])
     k = plan.segment("kernel")
     assert k.address == 0x1400000                       # next 2 MiB boundary after SINIT
@@ -130,9 +130,9 @@ def test_pref_address_taken_moves_to_next_aligned_base(kernel):
 
 
 def test_extras_constraints_and_reservation(kernel, initrd):
-    handler = sg.Blob("dl-handler", b"\x90" * 5000, align=0x10000)
-    log = sg.Blob("drtm-log", b"", memsz=0x10000, reserve=True)
-    acm = sg.Blob("sinit", b"ACM" * 100, address=0x7F000000)
+    handler = sg.SegmentRequest("dl-handler", b"\x90" * 5000, align=0x10000)
+    log = sg.SegmentRequest("drtm-log", b"", memsz=0x10000, reserve=True)
+    acm = sg.SegmentRequest("sinit", b"ACM" * 100, address=0x7F000000)
 
     def build(addresses):
         # An SLRT that records where the DL handler and the log went.
@@ -161,7 +161,7 @@ def test_efi_boot_fields(kernel):
     memmap_bytes = bytes(range(48)) * 20
     efi = sg.EfiBoot(systab=0x7F9EE018, memdesc_size=48, memdesc_version=1,
                      memmap=memmap_bytes, setup_efi=b"E" * 80)
-    plan = sg.plan_segments(kernel, cmdline=b"x", memmap=MEMMAP, facts=sg.BootFacts(efi=efi))
+    plan = sg.plan_segments(kernel, cmdline=b"x", memmap=MEMMAP, firmware=sg.FirmwareInfo(efi=efi))
     zp = plan.zero_page
     sig, systab, dsize, dver, mmap_lo, msize, systab_hi, mmap_hi = struct.unpack_from(
         "<4sIIIIIII", zp, 0x1C0)
@@ -224,10 +224,10 @@ def test_no_room(kernel, initrd):
 def test_duplicate_and_too_many_segments(kernel):
     with pytest.raises(InvalidArgument, match="twice"):
         sg.plan_segments(kernel, cmdline=b"x", memmap=MEMMAP,
-                         extras=[sg.Blob("kernel", b"x")])
+                         extras=[sg.SegmentRequest("kernel", b"x")])
     with pytest.raises(InvalidArgument, match="at most 16"):
         sg.plan_segments(kernel, cmdline=b"x", memmap=MEMMAP,
-                         extras=[sg.Blob(f"b{n}", b"x") for n in range(14)])
+                         extras=[sg.SegmentRequest(f"b{n}", b"x") for n in range(14)])
 
 
 def test_initrd_above_4g_only_as_fallback(kernel):

@@ -40,7 +40,7 @@ from relaunchd.errors import InvalidEventLog, NoTpm, RelaunchAborted, RelaunchEr
 from relaunchd.formats import eventlog
 from relaunchd.formats.slrt import SL_EVTYPE_SECURE_LAUNCH
 from relaunchd.launch import registry
-from relaunchd.platform.tpm import DRTM_PCRS
+from relaunchd.platform.tpm import DRTM_LAUNCH_PCRS
 from relaunchd.platform.tpm_extend_log import ReplayResult
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ def check_drtm_log(prediction: dict[str, Any] | None, facts: BootFacts
     pcrs = facts.drtm_pcrs
     bank, values = pcrs.get("bank"), pcrs.get("values") or {}
     if bank and values:
-        for pcr in DRTM_PCRS:
+        for pcr in DRTM_LAUNCH_PCRS:
             tpm_value = values.get(pcr)
             try:
                 logged = eventlog.replay(records, bank, pcr).hex()

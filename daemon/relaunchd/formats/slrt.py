@@ -91,7 +91,7 @@ ET_TXT_OS2MLE = 0x0010
 ET_UNUSED = 0xFFFF
 
 SETUP_SECURE_LAUNCH = 10                # setup_data type embedded in AMD_INFO (§1.4)
-DRTM_PCRS = range(17, 23)               # TCG D-RTM PCRs 17–22 (§4.1)
+DRTM_PCR_RANGE = range(17, 23)               # TCG D-RTM PCRs 17–22 (§4.1)
 SL_EVTYPE_SECURE_LAUNCH = 0x502         # event type of every policy measurement (§4.3)
 
 # MSRs saved into INTEL_INFO (§1.4; Intel SDM vol. 4).
@@ -382,9 +382,9 @@ def _check_policy_entry(p: PolicyEntry) -> None:
         raise InvalidTable(f"policy entry {p.evt_info!r}: unknown flags {p.flags:#x}")
     # The kernel extends whatever PCR it is told (§1.4); a table of ours names
     # only the D-RTM PCRs. UNUSED slots are skipped by the kernel, so any value.
-    if p.entity_type != ET_UNUSED and p.pcr not in DRTM_PCRS:
+    if p.entity_type != ET_UNUSED and p.pcr not in DRTM_PCR_RANGE:
         raise InvalidTable(f"policy entry {p.evt_info!r}: PCR {p.pcr} is not a D-RTM PCR "
-                           f"({DRTM_PCRS[0]}–{DRTM_PCRS[-1]})")
+                           f"({DRTM_PCR_RANGE[0]}–{DRTM_PCR_RANGE[-1]})")
 
 
 def _check_entry_set(tags: list[int], architecture: int) -> None:

@@ -62,11 +62,12 @@ def plan(kernel: FileRange, initrd: FileRange | None, cmdline: bytes, root: SysR
         raise NotReady("a DRTM launch needs both the DCE (SINIT ACM) and the DL handler")
     mem = memory_map.read_memmap(root)
     # The log buffer must survive into the new kernel: reserved in its e820.
-    extras = [segment_plan.Blob(name="drtm-log", data=bytes(LOG_SIZE), align=4096, reserve=True)]
+    extras = [segment_plan.SegmentRequest(name="drtm-log", data=bytes(LOG_SIZE), align=4096,
+                                          reserve=True)]
     if inputs.dce is not None:
         # SINIT needs 4 KiB alignment and lives below 4 GiB (TXT SDG §A.1).
-        extras.append(segment_plan.Blob(name="sinit", data=inputs.dce, align=4096))
-        extras.append(segment_plan.Blob(name="dl-handler", data=inputs.dl_handler or b"",
+        extras.append(segment_plan.SegmentRequest(name="sinit", data=inputs.dce, align=4096))
+        extras.append(segment_plan.SegmentRequest(name="dl-handler", data=inputs.dl_handler or b"",
                                     align=4096))
     measured_cmdline = slrt.measured_cmdline(cmdline)
     built: dict[str, SlrtContent] = {}
@@ -109,7 +110,7 @@ def plan(kernel: FileRange, initrd: FileRange | None, cmdline: bytes, root: SysR
     builder = segment_plan.SlrtBuilder(size=slrt.DEFAULT_MAX_SIZE, build=build_slrt)
     result = segment_plan.plan_segments(kernel, cmdline=measured_cmdline, memmap=mem,
                                     initrd=initrd, slrt=builder, extras=extras,
-                                    facts=segment_plan.BootFacts(acpi_rsdp=acpi_rsdp(root)))
+                                    firmware=segment_plan.FirmwareInfo(acpi_rsdp=acpi_rsdp(root)))
     return result, built["slrt"]
 
 
@@ -142,13 +143,4 @@ def acpi_rsdp(root: SysRoot) -> int:
 
 def load(result: segment_plan.SegmentPlan) -> None:
     """kexec_load the planned segments, entering at the purgatory."""
-    load_segments = []
-    for seg in result.segments:
-        if isinstance(seg.data, FileRange):
-            load_segments.append(kexec_syscalls.LoadSegment(
-                address=seg.address, memsz=seg.memsz, fd=seg.data.fd,
-                offset=seg.data.offset, length=seg.data.length))
-        else:
-            load_segments.append(kexec_syscalls.LoadSegment(address=seg.address, memsz=seg.memsz,
-                                                   data=bytes(seg.data)))
-    kexec_syscalls.segment_load(result.entry, load_segments)
+    kexec_syscalls.segment_load(result.entry, result.segments)

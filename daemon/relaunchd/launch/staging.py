@@ -84,7 +84,7 @@ class StageOptions:
 
 
 @dataclass
-class Blob:
+class SealedPart:
     """A sealed memfd and what it holds."""
 
     name: str
@@ -104,9 +104,9 @@ class StagedImage:
     source: str
     method: str
     report: ImageReport
-    image: Blob
-    kernel: Blob
-    initrd: Blob | None
+    image: SealedPart
+    kernel: SealedPart
+    initrd: SealedPart | None
     initrd_parts: list[str]
     cmdline: cmdline_rules.Cmdline
     notes: list[str] = field(default_factory=list)
@@ -162,7 +162,7 @@ def prepare(path: str, options: StageOptions,
         raise InvalidArgument(f"the {options.method} method needs the segment loader")
     inputs = _launch_inputs(options)     # refuses up front, before any work
     preload = _Preload(options)
-    opened: list[Blob] = []
+    opened: list[SealedPart] = []
     found: list[addon_rules.Addon] = []
     try:
         image_files.check_location(path, options.policy)
@@ -172,7 +172,7 @@ def prepare(path: str, options: StageOptions,
         opened.append(image_blob)
         initrd_blob = None
         if detached is not None:
-            initrd_blob = Blob("initrd", detached.fd, detached.length, "")
+            initrd_blob = SealedPart("initrd", detached.fd, detached.length, "")
             opened.append(initrd_blob)
         # The pefile cross-check runs inside inspect_image, overlapped with hashing.
         with uki.from_fd(image_blob.fd, path, confirm=False, detached=detached) as image:
@@ -347,7 +347,7 @@ class _Preload:
 
 
 def _sealed_image(path: str, options: StageOptions, found: list[addon_rules.Addon],
-                  ) -> tuple[Blob, pe.DetachedRange | None]:
+                  ) -> tuple[SealedPart, pe.DetachedRange | None]:
     """The sealed copy, and where its `.initrd` went instead when it was split off
     (the image copy has a hole there; see `split_copy`)."""
     # Only to refuse a non-UKI before copying it and to find `.initrd`; the sealed
@@ -358,7 +358,7 @@ def _sealed_image(path: str, options: StageOptions, found: list[addon_rules.Addo
         fd, part = sealed_memfd.split_copy(original.fd, os.path.basename(path), original.size,
                                      detach=split)
     detached = pe.DetachedRange(split[0], split[1], part) if part is not None else None
-    return Blob("image", fd, os.fstat(fd).st_size, ""), detached
+    return SealedPart("image", fd, os.fstat(fd).st_size, ""), detached
 
 
 def _detachable_initrd(original: uki.UkiImage, profile: int | None,
@@ -417,12 +417,12 @@ def _kernel_range(image: uki.UkiImage, resolved: uki.ResolvedImage,
     return kernel, max(0, header.cmdline_size - cmdline_rules.KEXEC_FILE_X86_RESERVE)
 
 
-def _sealed_part(name: str, src_fd: int, source: pe.FileRange, sha256: str) -> Blob:
+def _sealed_part(name: str, src_fd: int, source: pe.FileRange, sha256: str) -> SealedPart:
     fd = sealed_memfd.create(name)
     try:
         sealed_memfd.copy_range(src_fd, source.offset, source.length, fd)
         sealed_memfd.seal(fd)
-        return Blob(name, fd, source.length, sha256)
+        return SealedPart(name, fd, source.length, sha256)
     except BaseException:
         os.close(fd)
         raise
@@ -464,7 +464,7 @@ def _initrd_pieces(parts: list[initrd.InitrdPart], image_fd: int) -> list | None
     return pieces
 
 
-def _initrd(parts: list[initrd.InitrdPart], sha256: str | None) -> Blob:
+def _initrd(parts: list[initrd.InitrdPart], sha256: str | None) -> SealedPart:
     fd = sealed_memfd.create("initrd")
     try:
         size = initrd.write(parts, fd)
@@ -473,7 +473,7 @@ def _initrd(parts: list[initrd.InitrdPart], sha256: str | None) -> Blob:
             digest = hashlib.sha256()
             hashing.feed(fd, [hashing.Sink(digest, [(0, size)])])
             sha256 = digest.hexdigest()
-        return Blob("initrd", fd, size, sha256)
+        return SealedPart("initrd", fd, size, sha256)
     except BaseException:
         os.close(fd)
         raise

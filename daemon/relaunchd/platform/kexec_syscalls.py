@@ -14,10 +14,12 @@ import ctypes
 import errno
 import mmap
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import ClassVar
 
 from relaunchd.errors import KexecFailed, Unsupported
+from relaunchd.formats.pe import FileRange
+from relaunchd.formats.x86.segment_plan import Segment
 
 SYSCALLS = {  # machine -> (kexec_file_load, kexec_load)
     "x86_64": (320, 246),
@@ -103,19 +105,7 @@ class _Segment(ctypes.Structure):
                 ("mem", ctypes.c_void_p), ("memsz", ctypes.c_size_t)]
 
 
-@dataclass(frozen=True)
-class LoadSegment:
-    """One kexec_load segment: bytes, or a range of a (sealed) file."""
-
-    address: int
-    memsz: int
-    data: bytes = b""
-    fd: int = -1
-    offset: int = 0
-    length: int = 0
-
-
-def segment_load(entry: int, segments: list[LoadSegment]) -> None:
+def segment_load(entry: int, segments: Sequence[Segment]) -> None:
     """Load with kexec_load. File-backed segments are mapped privately (a
     sealed memfd cannot be mapped writable-shared, and ctypes needs a writable
     buffer to take an address); nothing is copied in Python."""
@@ -127,19 +117,22 @@ def segment_load(entry: int, segments: list[LoadSegment]) -> None:
     table = (_Segment * len(segments))()
     try:
         for i, seg in enumerate(segments):
-            if seg.fd >= 0:
+            if isinstance(seg.data, FileRange):
+                source = seg.data
                 page = mmap.ALLOCATIONGRANULARITY
-                base = seg.offset - seg.offset % page
-                mapping = mmap.mmap(seg.fd, seg.length + seg.offset - base,
+                base = source.offset - source.offset % page
+                mapping = mmap.mmap(source.fd, source.length + source.offset - base,
                                     flags=mmap.MAP_PRIVATE,
                                     prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
                 keep.append(mapping)
-                address = ctypes.addressof(ctypes.c_char.from_buffer(mapping)) + seg.offset - base
-                size = seg.length
+                address = (ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+                           + source.offset - base)
+                size = source.length
             else:
-                buffer = ctypes.create_string_buffer(seg.data, len(seg.data))
+                data = bytes(seg.data)
+                buffer = ctypes.create_string_buffer(data, len(data))
                 keep.append(buffer)
-                address, size = ctypes.addressof(buffer), len(seg.data)
+                address, size = ctypes.addressof(buffer), len(data)
             table[i] = _Segment(address, size, seg.address, seg.memsz)
         libc = _libc()
         rc = libc.syscall(ctypes.c_long(number), ctypes.c_ulong(entry),

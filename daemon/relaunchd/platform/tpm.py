@@ -23,7 +23,7 @@ FIRMWARE_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
 DRTM_LOG = "/sys/kernel/security/slaunch/eventlog"
 SYSTEMD_LOG = "/run/log/systemd/tpm2-measure.log"
 DEVICE_RM = "/dev/tpmrm0"
-DRTM_PCRS = (17, 18)
+DRTM_LAUNCH_PCRS = (17, 18)
 BANK_PREFERENCE = ("sha256", "sha384", "sha512", "sha1")
 
 
@@ -138,11 +138,11 @@ def read_drtm_pcrs(tcti: str) -> Read[DrtmPcrs]:
         values: dict[int, str] = {}
         bank = ""
         for bank in BANK_PREFERENCE:
-            spec = f"{bank}:{','.join(str(i) for i in DRTM_PCRS)}"
+            spec = f"{bank}:{','.join(str(i) for i in DRTM_LAUNCH_PCRS)}"
             _counter, _sel, digests = ectx.pcr_read(TPML_PCR_SELECTION.parse(spec))
             got = [bytes(d).hex() for d in digests]
-            if len(got) == len(DRTM_PCRS):
-                values = dict(zip(DRTM_PCRS, got, strict=True))
+            if len(got) == len(DRTM_LAUNCH_PCRS):
+                values = dict(zip(DRTM_LAUNCH_PCRS, got, strict=True))
                 break
         if not values:
             return Read(source, error=NOT_PRESENT,

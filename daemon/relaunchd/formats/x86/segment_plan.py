@@ -1,9 +1,10 @@
 """The x86_64 `kexec_load` segment plan for a bzImage (formats layer: pure, no syscalls).
 
-Given the kernel, initrd, command line, an optional SLRT and extra blobs (DL handler, SINIT
-ACM, DRTM log buffer), the firmware memory map and a few boot facts, decide where every
-segment goes and build the bytes that depend on those addresses (zero page, setup_data chain,
-purgatory). `kexec.py` hands `plan.segments` to the syscall and `plan.entry` as the entry.
+Given the kernel, initrd, command line, an optional SLRT and extra segments (DL handler,
+SINIT ACM, DRTM log buffer), the firmware memory map and what the firmware handed over
+(ACPI RSDP, EFI), decide where every segment goes and build the bytes that depend on those
+addresses (zero page, setup_data chain, purgatory). `platform.kexec_syscalls` hands
+`plan.segments` to the syscall and `plan.entry` as the entry.
 
 Placement (kexec-load-notes.md, what booted; boot.rst "THE LINUX/x86 BOOT PROTOCOL"):
   * kernel: the protected-mode part of the file, at an address aligned to kernel_alignment
@@ -91,7 +92,7 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class Blob:
+class SegmentRequest:
     """An extra segment (DL handler, SINIT ACM, DRTM log buffer) and its constraints."""
 
     name: str
@@ -116,7 +117,7 @@ class EfiBoot:
 
 
 @dataclass(frozen=True)
-class BootFacts:
+class FirmwareInfo:
     acpi_rsdp: int = 0           # 0: the decompressor finds it itself on a BIOS boot
     efi: EfiBoot | None = None
 
@@ -205,12 +206,12 @@ def normalize_cmdline(cmdline: bytes, header: bp.SetupHeader) -> bytes:
 def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
                   initrd: Source | None = None,
                   slrt: bytes | SlrtBuilder | None = None,
-                  extras: Sequence[Blob] = (),
-                  facts: BootFacts | None = None,
+                  extras: Sequence[SegmentRequest] = (),
+                  firmware: FirmwareInfo | None = None,
                   cli: bool = True) -> SegmentPlan:
     """Place everything and build the zero page; raises InvalidKernel, InvalidArgument or
     memmap.NoRoom naming what does not work."""
-    facts = facts or BootFacts()
+    firmware = firmware or FirmwareInfo()
     header = bp.parse_setup_header(kernel)
     cmdline = normalize_cmdline(cmdline, header)
     names = [KERNEL, INITRD, ZERO_PAGE, CMDLINE, SETUP_DATA, PURGATORY, EFI_MEMMAP, SLRT]
@@ -263,7 +264,7 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
     nodes: list[bp.SetupDataNode] = []
     if slrt is not None:
         nodes.append(bp.SetupDataNode(bp.SETUP_RELAUNCHD_SLRT, bytes(slrt_size)))
-    efi = facts.efi
+    efi = firmware.efi
     if efi is not None and efi.setup_efi is not None:
         nodes.append(bp.SetupDataNode(bp.SETUP_EFI, efi.setup_efi))
     if overflow:
@@ -318,7 +319,7 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
         header, cmd_line_ptr=placed[CMDLINE].addr, e820=in_page,
         ramdisk_image=ramdisk.addr if ramdisk else 0, ramdisk_size=initrd_size,
         setup_data=placed[SETUP_DATA].addr if nodes else 0,
-        acpi_rsdp_addr=facts.acpi_rsdp, slr_table_addr=slrt_addr or 0, efi=efi_info)
+        acpi_rsdp_addr=firmware.acpi_rsdp, slr_table_addr=slrt_addr or 0, efi=efi_info)
     entry64 = kernel_entry(placed[KERNEL].addr)
     purgatory = build_purgatory(placed[ZERO_PAGE].addr, entry64, cli=cli)
 
