@@ -36,6 +36,7 @@ from relaunchd.platform.quiesce import (
     rehearse,
     rollback,
 )
+from relaunchd.platform.quiesce import journal as quiesce_journal
 from relaunchd.platform.sysroot import SysRoot
 from relaunchd.platform.sysroot_writer import FailAt, SysWriter
 
@@ -332,7 +333,7 @@ def test_journal_entry_is_durable_before_each_store(tree, tmp_path, monkeypatch)
         events.append("fsync")
         real_fsync(fd)
 
-    monkeypatch.setattr(quiesce.os, "fsync", fsync)
+    monkeypatch.setattr(quiesce_journal.os, "fsync", fsync)
 
     def spy(n, path, value):
         lines = journal.read_text().splitlines()
