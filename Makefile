@@ -21,6 +21,7 @@ $(VENV)/.setup-done: $(HOST_PKGS) pyproject.toml requirements-dev.txt .ci/instal
 
 lint: setup
 	$(VENV)/bin/ruff check daemon tests benchmarks
+	$(VENV)/bin/lint-imports
 
 unit: setup
 	$(VPY) -m pytest -m unit tests
