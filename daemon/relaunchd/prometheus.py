@@ -2,7 +2,7 @@
 an adapter over the engine, written by the daemon (`TextfileExporter`).
 
 node-exporter's textfile collector reads `*.prom` in its directory on every scrape, so
-the file is replaced atomically (atomicfile) under a temp name that does not end in
+the file is replaced atomically (platform.atomic_file) under a temp name that does not end in
 `.prom`: a scrape sees the previous snapshot or the new one, never half of either.
 """
 

@@ -359,7 +359,7 @@ def test_segment_loader_dry_run(image_dir, keys, tmp_path):
         staged.close()
     plan = json.loads((out / "plan.json").read_text())
     assert plan["loader"] == "segments"
-    zero_page = (out / "boot_params.bin").read_bytes()
+    zero_page = (out / "bootparams.bin").read_bytes()
     assert len(zero_page) == 4096
     slr_addr = int.from_bytes(zero_page[0x78:0x80], "little")
     assert slr_addr == plan["segments"]["slr_table_addr"] != 0

@@ -65,7 +65,7 @@ _METHODS: dict[str, tuple[str | None, dict[str, type]]] = {
 
 
 class Service:
-    """`/org/relaunchd/Relaunch1` over an engine with the `engine.Engine` surface.
+    """`/org/relaunchd/Relaunch1` over an engine with the `engine.core.Engine` surface.
 
     Threads: the GLib main loop owns the connection and every reply; engine calls run
     in `_pool` (engine methods may take ~0.5 s or block on the engine's lock); the

@@ -1,7 +1,7 @@
 """Everything `inspect` reports about a UKI, computed in one read of the file.
 
 Combines the formats modules: section resolution (`uki`), PCR 11 prediction
-and `.pcrsig` checks (`measure`) and Authenticode (`authenticode`). All hashes
+and `.pcrsig` checks (`pcr11`) and Authenticode (`authenticode`). All hashes
 — per-section digests in every bank and the Authenticode image digest — are
 fed from a single pass over the file by `hashing.feed`, so inspecting a
 100 MB image reads it once and hashes banks on all cores.

@@ -12,7 +12,7 @@ header bytes independently and must agree (`confirm_with_pefile`).
 The two steps are separate so that a caller about to hash a 100 MB image can
 start hashing (safe: every range is already checked to lie inside the file)
 and let pefile's import (~25 ms, as long as hashing a quarter of an initrd)
-and parse run meanwhile — `imageinfo.inspect_image` does that, and always
+and parse run meanwhile — `image_report.inspect_image` does that, and always
 confirms before it reports anything.
 """
 

@@ -1,4 +1,5 @@
-"""Unified Kernel Images: open safely, slice profiles, resolve sections (formats layer).
+"""Unified Kernel Images: parse headers, slice profiles, resolve sections (formats layer;
+`platform.image_files` opens the files).
 
 Facts from docs/research/uki.md §1: the stub looks sections up by 8-byte name,
 the first match wins; payload = min(VirtualSize, SizeOfRawData) bytes from the

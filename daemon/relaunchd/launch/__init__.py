@@ -1,6 +1,8 @@
-"""Launch methods, one module each (DESIGN "platform" layer).
+"""The launch layer: how a staged image reaches the next kernel.
 
-- `file_loader`: kexec_file_load — works under lockdown, no DRTM (measured kexec).
-- `segment_loader`: kexec_load with relaunchd's own zero page, SLRT and
-  purgatory — the only way a kexec can end in a Secure Launch (drtm.md §2.6).
+One module per launch method behind one interface (`protocol.LaunchMethod`): `kexec`
+(measured kexec), `txt` (Intel TXT dynamic launch), `skinit` (AMD SKINIT, reported but not
+buildable). `registry` names them, `assessment` judges the machine for all of them,
+`staging` builds and loads the sealed kernel, initrd and command line, and
+`segment_loader` the kexec_load segments (zero page, SLRT, purgatory) a DRTM launch needs.
 """

@@ -1,4 +1,4 @@
-"""Staging: turn a UKI on disk into sealed kernel/initrd/cmdline ready for kexec_syscalls.
+"""Staging: turn a UKI on disk into sealed kernel/initrd/cmdline ready for kexec.
 
 The order is the point (DESIGN "The relaunch, end to end", step 1):
 1. check where the file lives (allowed directory, nothing writable by
@@ -7,7 +7,7 @@ The order is the point (DESIGN "The relaunch, end to end", step 1):
    In the common shape (the initrd is `.initrd` followed by generated cpios)
    the `.initrd` payload goes straight into the initrd memfd instead, which is
    finished and sealed before anything is verified: one copy of 100 MB, not two;
-3. parse, hash and verify the copy in one pass (`imageinfo`), refusing an
+3. parse, hash and verify the copy in one pass (`formats.image_report`), refusing an
    image whose signature does not verify against the configured trust;
 4. cut the kernel (`.linux`, trimmed per uki.md §3.3) and build the initrd
    (`initrd`) and command line (`cmdline`) as systemd-stub would, each into
@@ -522,7 +522,7 @@ def loaded(root: SysRoot) -> bool | None:
 
 def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
     """`--dry-run --output DIR`: kernel, initrd, cmdline, plan.json, and for the
-    segment loader slrt.bin and boot_params.bin."""
+    segment loader slrt.bin and bootparams.bin."""
     os.makedirs(directory, exist_ok=True)
     written = []
     for blob in (staged.kernel, staged.initrd):
@@ -537,7 +537,7 @@ def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
         out.write(staged.cmdline.nul_terminated)
     written.append(target)
     if staged.segment_plan is not None:
-        for name, data in (("slrt.bin", staged.slrt), ("boot_params.bin",
+        for name, data in (("slrt.bin", staged.slrt), ("bootparams.bin",
                                                        staged.segment_plan.zero_page)):
             target = os.path.join(directory, name)
             with open(target, "wb") as out:

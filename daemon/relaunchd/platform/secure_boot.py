@@ -1,6 +1,6 @@
 """Secure Boot and kernel lockdown state, from efivarfs and securityfs (platform layer).
 
-Kept apart from `probe` so that staging, which needs only these two facts, does
+Kept apart from `readiness` so that staging, which needs only these two facts, does
 not import the whole readiness probe (TXT, ACM, TPM decoders) on its way to a
 kexec load.
 """

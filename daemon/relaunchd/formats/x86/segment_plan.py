@@ -17,9 +17,10 @@ Placement (kexec-load-notes.md, what booted; boot.rst "THE LINUX/x86 BOOT PROTOC
     segment each, below 4 GiB;
   * extra blobs: at a fixed address when given (e.g. TXT.SINIT.BASE), else anywhere that
     meets their alignment and below-4-GiB constraint.
-Every placement is checked against the map by `memmap` (the kernel does not, pitfall 4).
+Every placement is checked against the map by `memory_ranges` (the kernel does not,
+pitfall 4).
 
-The SLRT travels in a relaunchd setup_data node (bootparams.SETUP_RELAUNCHD_SLRT), and
+The SLRT travels in a relaunchd setup_data node (boot_params.SETUP_RELAUNCHD_SLRT), and
 `slr_table_addr` (0x078) points at its payload: the kernel reserves setup_data memory and
 exposes the node in /sys/kernel/boot_params/setup_data/N/data, so the next kernel can read
 the table back. Caveat: the KASLR decompressor avoids initrd, command line, zero page and
@@ -210,7 +211,7 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
                   firmware: FirmwareInfo | None = None,
                   cli: bool = True) -> SegmentPlan:
     """Place everything and build the zero page; raises InvalidKernel, InvalidArgument or
-    memmap.NoRoom naming what does not work."""
+    NoRoom naming what does not work."""
     firmware = firmware or FirmwareInfo()
     header = bp.parse_setup_header(kernel)
     cmdline = normalize_cmdline(cmdline, header)
