@@ -176,3 +176,23 @@ def test_corrupt_state_file(private_bus, setup):
         assert list(staged.parent.glob("staged.json.corrupt-*"))
     finally:
         d.stop()
+
+
+def test_relaunch_fallback_reboot_through_the_cli(private_bus, setup):
+    """Nothing staged: `relaunch --fallback reboot` queues an ordinary reboot (the fake
+    hand-off records its kind) instead of failing, and records why."""
+    d = start(private_bus, setup)
+    try:
+        r = relaunchctl(private_bus, "relaunch", "--json")
+        assert r.returncode == 1 and "NotStaged" in r.stderr      # no fallback: as before
+        r = relaunchctl(private_bus, "relaunch", "--fallback", "reboot", "--json")
+        assert r.returncode == 0, r.stderr
+        ident = json.loads(r.stdout)["id"]
+        assert (setup["dir"] / "run" / "fake-handoffs").read_text().split() == ["reboot"]
+        pending = json.loads((setup["dir"] / "state" / "pending.json").read_text())
+        assert pending["id"] == ident and pending["method"] == "firmware-reboot"
+        history = json.loads(relaunchctl(private_bus, "history", "--json").stdout)
+        assert history[0]["event"] == "relaunch-fallback"
+        assert history[0]["detail"]["error"] == "NotStaged"
+    finally:
+        d.stop()

@@ -195,8 +195,17 @@ class Engine:
                 raise NotStaged(f"nothing to cancel ({self._state})")
             self._set(state="idle", staged={}, progress={})
 
-    def relaunch(self, *, force=False, immediate=False, rehearse=False) -> str:
+    def relaunch(self, *, force=False, immediate=False, fallback=None) -> str:
         with self._lock:
+            if fallback not in (None, "none", "reboot"):
+                raise InvalidArgument(f"unknown fallback {fallback!r}")
+            if self._state != "staged" and fallback == "reboot":
+                # As the real engine: no relaunch possible → a recorded firmware reboot.
+                ident = str(uuid.uuid4())
+                self._record("relaunch-fallback", ident,
+                             {"reason": f"NotStaged: nothing is staged ({self._state})"})
+                self._set(state="relaunching")
+                return ident
             if self._state != "staged":
                 raise NotStaged(f"no staged image ({self._state})")
             ident = self._staged["id"]

@@ -899,7 +899,7 @@ def test_restage_announces_every_change(env):
 
 def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
     """The real hand-off queues kexec.target; a fake systemctl on PATH records it."""
-    from relaunchd.engine.host_machine import HANDOFF_COMMAND, HostMachine
+    from relaunchd.engine.host_machine import HANDOFF_COMMAND, REBOOT_COMMAND, HostMachine
 
     log = tmp_path / "args"
     tool = tmp_path / "bin" / "systemctl"
@@ -921,8 +921,12 @@ def test_real_platform_handoff_runs_systemctl(tmp_path, monkeypatch):
     monkeypatch.setenv("FAIL", "Transaction is destructive.")
     with pytest.raises(RelaunchError, match="Transaction is destructive"):
         platform.handoff("systemd")
+    monkeypatch.delenv("FAIL")
+    platform.handoff("reboot")               # the fallback: an ordinary reboot, queued
+    assert log.read_text().split() == list(REBOOT_COMMAND[1:])
+    assert {"--job-mode=replace-irreversibly", "reboot.target"} <= set(REBOOT_COMMAND)
     with pytest.raises(InvalidArgument):
-        platform.handoff("reboot")
+        platform.handoff("poweroff")
 
 
 def test_a_drtm_relaunch_is_proven_against_the_drtm_log(env):

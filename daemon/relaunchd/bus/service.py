@@ -57,7 +57,7 @@ _METHODS: dict[str, tuple[str | None, dict[str, type]]] = {
     "Inspect": ("inspect", {"profile": int}),
     "Stage": ("stage", {"profile": int, "method": str, "cmdline": str, "append": list,
                         "loader": str}),
-    "Relaunch": ("relaunch", {"force": bool, "immediate": bool}),
+    "Relaunch": ("relaunch", {"force": bool, "immediate": bool, "fallback": str}),
     "Rehearse": ("relaunch", {}),
     "Cancel": ("cancel", {}),
     "GetHistory": (None, {"limit": int}),
@@ -321,7 +321,8 @@ class Service:
 
     def _do_Relaunch(self, options: dict) -> str:
         return self.engine.relaunch(force=options.get("force", False),
-                                    immediate=options.get("immediate", False))
+                                    immediate=options.get("immediate", False),
+                                    fallback=options.get("fallback"))
 
     def _do_Rehearse(self, _options: dict) -> dict:
         return to_vardict(self.engine.rehearse())

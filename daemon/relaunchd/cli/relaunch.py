@@ -1,4 +1,4 @@
-"""`relaunchctl relaunch [--wait] [--force] [--immediate | --rehearse]`.
+"""`relaunchctl relaunch [--wait] [--force] [--fallback none|reboot] [--immediate | --rehearse]`.
 
 Relaunch into the staged image. With --wait it returns only when the system is going
 down (relaunchd reached `relaunching`, or left the bus) — exit 0 — or the relaunch
@@ -25,6 +25,10 @@ def register(subparsers) -> None:
                         help="block until the system goes down (0) or the relaunch fails (1)")
     parser.add_argument("--force", action="store_true",
                         help="relaunch even if inhibitors or readiness checks object")
+    parser.add_argument("--fallback", choices=("none", "reboot"),
+                        help="when the relaunch cannot happen (nothing staged, method not "
+                             "ready, hand-off refused): fail (none) or do an ordinary "
+                             "reboot instead (reboot); default: launch.fallback")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--immediate", action="store_true",
                      help="quiesce and kexec at once, without stopping services "
@@ -43,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         options = {"force": True} if args.force else {}
         if args.immediate:
             options["immediate"] = True
+        if args.fallback:
+            options["fallback"] = args.fallback
         ident = client.call("Relaunch", options=options, interactive=interactive())
         result = {"id": ident, "state": None}
         if watch is not None:

@@ -29,6 +29,7 @@ from relaunchd.platform.probe_config import ProbeConfig
 DEFAULT_PATH = "/etc/relaunchd/relaunchd.yaml"
 LAUNCH_METHODS = ("auto", *launch_names.NAMES)
 LOADERS = ("file", "segments")
+FALLBACKS = ("none", "reboot")
 PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 DRIVER_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 PCI_CLASS = re.compile(r"^(?:0x)?(?:[0-9a-f]{2}){1,3}$")
@@ -118,6 +119,9 @@ class LaunchConfig:
     method: str = field(default="auto", metadata=_check(_one_of(*LAUNCH_METHODS)))
     require_drtm: bool = False
     loader: str | None = field(default=None, metadata=_check(_one_of(None, *LOADERS)))
+    # What Relaunch does when the relaunch cannot happen: "none" (fail, as before) or
+    # "reboot" (say why, record it, and do an ordinary firmware reboot).
+    fallback: str = field(default="none", metadata=_check(_one_of(*FALLBACKS)))
 
 
 @dataclass(frozen=True)

@@ -162,8 +162,9 @@ class Engine:
     def cancel(self) -> None:
         self._stager.cancel()
 
-    def relaunch(self, *, force: bool = False, immediate: bool = False) -> str:
-        return self._relauncher.relaunch(force=force, immediate=immediate)
+    def relaunch(self, *, force: bool = False, immediate: bool = False,
+                 fallback: str | None = None) -> str:
+        return self._relauncher.relaunch(force=force, immediate=immediate, fallback=fallback)
 
     def rehearse(self) -> dict:
         return self._relauncher.rehearse()

@@ -27,6 +27,9 @@ from relaunchd.platform.sysroot_writer import FailAt, SysWriter
 
 HANDOFF_COMMAND = ("systemctl", "start", "--no-block", "--job-mode=replace-irreversibly",
                    "kexec.target")
+# The fallback when a relaunch cannot happen: an ordinary reboot, queued the same way.
+REBOOT_COMMAND = ("systemctl", "start", "--no-block", "--job-mode=replace-irreversibly",
+                  "reboot.target")
 HANDOFF_TIMEOUT = 60
 LINUX_REBOOT_CMD_KEXEC = 0x45584543      # include/uapi/linux/reboot.h
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -195,7 +198,9 @@ class HostMachine:
 
     def handoff(self, kind: str) -> None:
         if kind == "systemd":
-            _start_kexec_target()
+            _queue_shutdown(HANDOFF_COMMAND)
+        elif kind == "reboot":
+            _queue_shutdown(REBOOT_COMMAND)
         elif kind == "immediate":
             _kexec_now()
         else:
@@ -245,15 +250,15 @@ def _injected_failure() -> FailAt | None:
     return FailAt(nth=int(nth), after=when == "after")
 
 
-def _start_kexec_target() -> None:
+def _queue_shutdown(command: tuple[str, ...]) -> None:
     # --no-block: the job takes the system down; waiting for it would mean waiting for
     # our own SIGTERM. The queueing itself is what can fail. `systemctl kexec` would
     # do the same but also check logind inhibitors client-side: the engine does that.
     try:
-        result = subprocess.run(HANDOFF_COMMAND, capture_output=True, text=True,
+        result = subprocess.run(command, capture_output=True, text=True,
                                 timeout=HANDOFF_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RelaunchError(f"cannot run {' '.join(HANDOFF_COMMAND)}: {exc}") from None
+        raise RelaunchError(f"cannot run {' '.join(command)}: {exc}") from None
     if result.returncode < 0:
         # Killed by a signal: the job was queued and systemd, stopping relaunchd.service
         # on its way to kexec.target, signalled the whole cgroup — systemctl included —
@@ -261,7 +266,7 @@ def _start_kexec_target() -> None:
         return
     if result.returncode != 0:
         why = (result.stderr or result.stdout).strip() or f"exit status {result.returncode}"
-        raise RelaunchError(f"{' '.join(HANDOFF_COMMAND)} failed: {why}")
+        raise RelaunchError(f"{' '.join(command)} failed: {why}")
 
 
 def _kexec_now() -> None:

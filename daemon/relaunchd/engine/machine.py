@@ -111,7 +111,8 @@ class Machine(Protocol):
 
     # ------------------------------------------------------------ hand-off and new boot
     def handoff(self, kind: str) -> None:
-        """"systemd" (kexec.target) or "immediate" (reboot(KEXEC) now)."""
+        """"systemd" (kexec.target), "immediate" (reboot(KEXEC) now) or "reboot" (an
+        ordinary reboot.target: the fallback when a relaunch cannot happen)."""
 
     def boot_id(self) -> str | None: ...
 

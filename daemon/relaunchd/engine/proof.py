@@ -34,7 +34,7 @@ from relaunchd.engine.config import Config
 from relaunchd.engine.journal_ids import MESSAGE_IDS
 from relaunchd.engine.last_error import error_json
 from relaunchd.engine.machine import BootFacts, Machine
-from relaunchd.engine.relaunch import log_path
+from relaunchd.engine.relaunch import FALLBACK_HANDOFF, log_path
 from relaunchd.engine.state import PendingRecord, now
 from relaunchd.errors import InvalidEventLog, NoTpm, RelaunchAborted, RelaunchError
 from relaunchd.formats import eventlog
@@ -64,8 +64,12 @@ class AfterBootProof:
             return
         boot_id = engine.machine.boot_id()
         if pending.boot_id is not None and boot_id == pending.boot_id:
+            # A fallback reboot extends nothing; any other hand-off may have extended
+            # before the daemon was killed (its record may not say so yet).
+            extended = pending.handoff != FALLBACK_HANDOFF \
+                and pending.measurement.get("measured") is not False
             dropped = recover_measurement(engine.config, engine.machine, pending) \
-                if pending.measurement.get("measured") is not False else 0
+                if extended else 0
             rolled = None
             if pending.handoff == "immediate":
                 try:
@@ -160,8 +164,15 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
         mismatches.append("the boot id did not change: no new boot")
 
     running = (facts.cmdline or "").strip()
+    fallback = pending.handoff == FALLBACK_HANDOFF
     cmdline_ok = facts.cmdline is not None and running == pending.cmdline.strip()
-    if not cmdline_ok:
+    if fallback:
+        # Not a relaunch at all: the firmware booted whatever the boot loader chose.
+        # Never verified, whatever else this boot looks like.
+        cmdline_ok = False
+        mismatches.append("no relaunch: relaunchd fell back to a firmware reboot ("
+                          f"{pending.fallback_reason or 'reason not recorded'})")
+    elif not cmdline_ok:
         mismatches.append(f"/proc/cmdline is {running!r}, the staged command line is "
                           f"{pending.cmdline.strip()!r}")
 
@@ -225,6 +236,8 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
     }
     if drtm_method:
         result["drtm_log"] = drtm_log
+    if fallback:
+        result["fallback"] = {"reason": pending.fallback_reason or ""}
     return result
 
 

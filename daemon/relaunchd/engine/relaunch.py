@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from relaunchd.engine import state
@@ -27,6 +28,7 @@ from relaunchd.engine.state import StagedRecord
 from relaunchd.errors import (
     Inhibited,
     InvalidArgument,
+    KexecFailed,
     NoTpm,
     NotReady,
     NotStaged,
@@ -41,23 +43,46 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relaunchd.engine")
 
+FALLBACKS = ("none", "reboot")
+FALLBACK_METHOD = "firmware-reboot"     # the method a fallback reboot reports
+FALLBACK_HANDOFF = "reboot"             # Machine.handoff kind: reboot.target
+
 
 class Relauncher:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def relaunch(self, *, force: bool = False, immediate: bool = False) -> str:
+    def relaunch(self, *, force: bool = False, immediate: bool = False,
+                 fallback: str | None = None) -> str:
         """Measure, then hand the staged image to systemd (its shutdown hook quiesces),
         or with `immediate` quiesce here and jump. Returns the relaunch id. On failure
         everything is as before: staged, no pending record, LastError set, the error
-        raised; a measurement already extended stays in the log (it replays)."""
+        raised; a measurement already extended stays in the log (it replays).
+
+        `fallback` ("none" | "reboot"; None: `launch.fallback`): with "reboot", a relaunch
+        that cannot happen — nothing staged, the method not ready, a TPM that refuses, a
+        hand-off systemd refused — becomes an ordinary firmware reboot instead, recorded
+        in the history and reported by the next boot as a fallback (never verified).
+        Held logind block inhibitors and a busy engine are never overridden this way."""
         engine = self.engine
+        fallback = fallback if fallback is not None else engine.config.launch.fallback
+        if fallback not in FALLBACKS:
+            raise InvalidArgument(f"unknown fallback {fallback!r} (one of "
+                                  f"{', '.join(FALLBACKS)})")
+        if fallback == "reboot" and immediate:
+            raise InvalidArgument("--fallback reboot goes through systemd; it cannot be "
+                                  "combined with immediate")
         engine.begin_operation()
         try:
-            record = self._relaunchable()
-            engine.refresh_capabilities()
-            overridden = readiness(engine.config, engine.machine, record,
-                                   engine.capabilities, force=force)
+            try:
+                record = self._relaunchable()
+                engine.refresh_capabilities()
+                overridden = readiness(engine.config, engine.machine, record,
+                                       engine.capabilities, force=force)
+            except (NotStaged, NotReady) as exc:
+                if fallback != "reboot":
+                    raise
+                return self._fallback_reboot(exc, force=force)
             kind = "immediate" if immediate else "systemd"
             plan = self._quiesce_plan(record) if immediate else None
             pending = state.PendingRecord(
@@ -98,6 +123,11 @@ class Relauncher:
                 engine.machine.handoff(kind)
             except BaseException as exc:
                 self._handoff_failed(record, kind, exc, quiesced)
+                if fallback == "reboot" and (isinstance(exc, NotReady | KexecFailed)
+                                             or type(exc) is RelaunchError):
+                    # The TPM refused, the load vanished, or systemd refused kexec.target:
+                    # the relaunch cannot happen; an orchestrator still gets its reboot.
+                    return self._fallback_reboot(exc, force=force)
                 if isinstance(exc, RelaunchError):
                     raise
                 raise as_error(exc) from exc
@@ -106,6 +136,48 @@ class Relauncher:
             return record.id
         finally:
             engine.release_operation()
+
+    def _fallback_reboot(self, cause: RelaunchError, *, force: bool) -> str:
+        """The relaunch cannot happen: record why, and reboot through firmware (held: op
+        lock). The kexec image is unloaded first, so nothing turns the reboot into a kexec
+        (Debian's kexec-tools would, for a loaded image)."""
+        engine = self.engine
+        with engine.lock:
+            record = engine.record
+        relaunch_id = record.id if record is not None else str(uuid.uuid4())
+        reason = f"{cause.name}: {cause}"
+        pending = state.PendingRecord(
+            id=relaunch_id, time=state.now(), path=record.path if record else "",
+            method=FALLBACK_METHOD, loader="", kernel_sha256="", initrd_sha256=None,
+            cmdline="", handoff=FALLBACK_HANDOFF, boot_id=engine.machine.boot_id(),
+            force=force, handoff_at=time.time(), fallback_reason=reason)
+        engine.store.save_pending(pending)
+        engine.record_history("relaunch-fallback", relaunch_id,
+                              {"reason": reason, "error": cause.name})
+        log.warning("relaunch %s cannot happen (%s): falling back to a firmware reboot",
+                    relaunch_id, reason, extra={"MESSAGE_ID": MESSAGE_IDS["relaunch"],
+                                                "RELAUNCH_ID": relaunch_id})
+        engine.transition(state="relaunching", last_error=error_json(cause),
+                          progress=progress_of("rebooting", 0, 1, 0))
+        try:
+            if engine.machine.kexec_loaded():
+                engine.machine.unload()
+            engine.machine.handoff(FALLBACK_HANDOFF)
+        except BaseException as exc:
+            error = as_error(exc)
+            message = f"the fallback reboot failed: {error} (after {reason})"
+            try:
+                engine.store.clear_pending()
+            except OSError as os_exc:
+                message += f"; cannot clean up: {os_exc}"
+            engine.reconcile_locked()       # what is (still) loaded decides the state
+            engine.transition(last_error=error_json(error, message))
+            engine.record_history("relaunch-failed", relaunch_id,
+                                  {"error": error.name, "message": message,
+                                   "handoff": FALLBACK_HANDOFF})
+            raise RelaunchError(message) from exc
+        engine.transition(progress=progress_of("rebooting", 1, 1, 100))
+        return relaunch_id
 
     def rehearse(self) -> dict:
         """Quiesce the live system as the staged relaunch would, check, roll back, check

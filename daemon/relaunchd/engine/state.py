@@ -123,12 +123,13 @@ class PendingRecord(_Record):
     kernel_sha256: str
     initrd_sha256: str | None
     cmdline: str
-    handoff: str                     # "systemd" | "immediate"
+    handoff: str                     # "systemd" | "immediate" | "reboot" (fallback)
     boot_id: str | None              # the boot that handed off; the next one must differ
     force: bool = False
     predictions: dict = field(default_factory=dict)
     handoff_at: float = 0.0          # epoch seconds, for the downtime
     measurement: dict = field(default_factory=dict)   # measured, pcr, banks, reset_count, ...
+    fallback_reason: str | None = None                # set when this is a fallback reboot
 
 
 @dataclass(frozen=True)
