@@ -293,6 +293,8 @@ def _scan(part: PartitionDir, machine: str, notes: list[str]) -> list[fmt.BootEn
 
 
 def _mark_writable(part: PartitionDir, entry: fmt.BootEntry) -> None:
+    if not entry.listed:
+        return
     for rel in (entry.source, entry.kernel, *entry.initrd):
         if rel is None:
             continue

@@ -354,6 +354,9 @@ class PartitionDir:
                 last = i == len(parts) - 1
                 fd = _step(fd, parts[i], _FILE_FLAGS if last else _DIR_FLAGS, rel)
                 st = os.fstat(fd)
+                if st.st_dev != self.dev:
+                    raise PartitionError("not-regular-file", f"{self.platform_path(rel)}: "
+                                         "crosses into another file system (not followed)")
                 where = self.platform_path("/".join(parts[:i + 1]))
             return None
         finally:
