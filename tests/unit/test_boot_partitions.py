@@ -211,3 +211,51 @@ def test_any_tree_lists_without_an_exception(tmp_path_factory, entry, conf, ones
     result = boot_entries.list_entries(SysRoot(str(base)), esp="/efi")
     assert {e.id for e in result.entries} == {fmt.ascii_lower(name), "junk.efi"}
     result.to_json()
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def test_open_files_for_staging(tmp_path):
+    tree(tmp_path, {"/efi/k/vmlinuz": "kernel", "/efi/k/ucode.img": "ucode",
+                    "/efi/k/initrd.img": "initrd", "/efi/EFI/tools/shell.efi": "shell",
+                    "/efi/loader/entries/a.conf": "title A\nlinux /k/vmlinuz\n"
+                    "initrd /k/ucode.img\ninitrd /k/initrd.img\noptions quiet\n",
+                    "/efi/loader/entries/s.conf": "title S\nefi /EFI/tools/shell.efi\n"})
+    result = listing(tmp_path)
+    found = by_id(result)
+    with boot_entries.open_files(SysRoot(str(tmp_path)), found["a.conf"]) as files:
+        assert os.pread(files.kernel, 100, 0) == b"kernel"
+        assert [(p, os.pread(fd, 100, 0)) for p, fd in files.initrds] == [
+            ("/efi/k/ucode.img", b"ucode"), ("/efi/k/initrd.img", b"initrd")]
+        opened = [files.kernel, *(fd for _, fd in files.initrds)]
+    for fd in opened:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    with pytest.raises(InvalidBootEntry, match="efi-program"):
+        boot_entries.open_files(SysRoot(str(tmp_path)), found["s.conf"])
+    # Swapped for a symbolic link after the listing: refused, nothing left open.
+    (tmp_path / "efi" / "k" / "initrd.img").unlink()
+    (tmp_path / "efi" / "k" / "initrd.img").symlink_to("/etc/passwd")
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(InvalidBootEntry, match="symbolic link"):
+        boot_entries.open_files(SysRoot(str(tmp_path)), found["a.conf"])
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_staged_record_and_matching(tmp_path):
+    tree(tmp_path, {"/efi/vmlinuz": "k", "/efi/loader/entries/Tok-6.1.0-13-amd64+3.conf":
+                    "title D\nversion 6.1.0-13-amd64\nlinux /vmlinuz\n"})
+    [listed] = listing(tmp_path).entries
+    record = listed.staged_record()
+    assert record["id"] == "tok-6.1.0-13-amd64+3.conf" and record["stem"] == "Tok-6.1.0-13-amd64"
+    assert record["signed"] == ["kernel"] and record["unsigned"] == []
+    match = boot_entries.staged_entry_matches
+    assert match(record, entry="tok-6.1.0-13-amd64")
+    assert match(record, entry="TOK-6.1.0-13-AMD64+3.conf")
+    assert match(record, kernel="6.1.0-13-amd64")
+    assert not match(record, entry="tok-6.1.0-9-amd64", kernel="6.1.0-9-amd64")
+    assert not match(record)
+    uki = {"id": "debian.efi", "stem": "debian", "type": fmt.TYPE2, "version": "12",
+           "uname": "6.1.0-13-amd64"}
+    assert match(uki, kernel="6.1.0-13-amd64") and not match(uki, kernel="12")

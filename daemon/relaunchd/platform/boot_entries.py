@@ -69,6 +69,16 @@ class ListedEntry:
     def verified(self) -> bool | None:
         return None if self.verification is None else self.verification.verified
 
+    def staged_record(self) -> dict[str, Any]:
+        """What a staged image records about the entry it came from (StagedImage
+        `entry`): enough to name it, and to match it when its kernel is removed."""
+        e = self.entry
+        return {"id": e.id, "stem": e.stem, "type": e.type, "loader": e.loader,
+                "title": e.title, "version": e.version, "uname": e.uname,
+                "path": self.path(e.source), "kernel": self.path(e.kernel),
+                "initrd": [self.path(p) for p in e.initrd],
+                "signed": list(e.signed_parts), "unsigned": list(e.unsigned_parts)}
+
     def to_json(self) -> dict[str, Any]:
         e = self.entry
         data: dict[str, Any] = {
@@ -421,6 +431,70 @@ def find(listing: Listing, name: str) -> ListedEntry:
             return listed
     raise NoBootEntry(f"no boot loader entry {name!r} (ids: "
                       f"{', '.join(e.id for e in listing.entries) or 'none'})")
+
+
+def staged_entry_matches(record: dict[str, Any], *, entry: str | None = None,
+                         kernel: str | None = None) -> bool:
+    """Whether a staged image's entry record (`ListedEntry.staged_record`) is the entry
+    `entry` (its id or kernel-install name, any case) or runs kernel release `kernel`
+    (a UKI's .uname; for a Type #1 entry the version, which kernel-install sets to the
+    release). For `relaunchctl cancel --if-entry … --if-kernel …`."""
+    if entry is not None:
+        folded = fmt.ascii_lower(entry)
+        if folded in (fmt.ascii_lower(record.get("id") or ""),
+                      fmt.ascii_lower(record.get("stem") or "")):
+            return True
+    if kernel is not None:
+        if kernel == record.get("uname"):
+            return True
+        if record.get("type") == fmt.TYPE1 and kernel == record.get("version"):
+            return True
+    return False
+
+
+@dataclass
+class EntryFiles:
+    """An entry's kernel and initrds opened for staging, by descriptor, in the order
+    the loader would hand them over (the caller copies them into sealed memfds and
+    verifies the copy; `close` releases the descriptors)."""
+
+    entry: ListedEntry
+    kernel: int
+    initrds: list[tuple[str, int]] = field(default_factory=list)   # (platform path, fd)
+
+    def close(self) -> None:
+        for fd in [self.kernel, *(fd for _, fd in self.initrds)]:
+            if fd >= 0:
+                os.close(fd)
+        self.kernel, self.initrds = -1, []
+
+    def __enter__(self) -> EntryFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_files(root: SysRoot, listed: ListedEntry) -> EntryFiles:
+    """Open what staging needs of `listed` below its partition, never following a
+    symbolic link or a mount; InvalidBootEntry if it cannot be staged (the signature is
+    checked on the sealed copy, not here)."""
+    require_stageable(listed, require_verified=False)
+    entry = listed.entry
+    if entry.kernel is None or entry.loader not in ("linux", "uki"):
+        raise InvalidBootEntry(f"boot entry {entry.id}: no Linux kernel to stage")
+    try:
+        with PartitionDir(root, listed.partition) as part:
+            files = EntryFiles(listed, part.open_file(entry.kernel))
+            try:
+                for rel in entry.initrd:
+                    files.initrds.append((part.platform_path(rel), part.open_file(rel)))
+            except BaseException:
+                files.close()
+                raise
+            return files
+    except PartitionError as exc:
+        raise InvalidBootEntry(f"boot entry {entry.id}: {exc.detail}") from None
 
 
 def require_stageable(listed: ListedEntry, *, require_verified: bool = True) -> None:
