@@ -81,6 +81,32 @@ def _copy_tree(src: Path, dest: Path) -> None:
         build_uki(json.loads(spec.read_text()), target)
 
 
+def merged_esp(dest: Path, names: list[str]) -> list[str]:
+    """The ESP trees of several scenarios in one directory, as a FAT file system can
+    hold them: no symbolic links (mcopy would copy their target), and a name that
+    differs from one already there only in case is left out. Returns what was left out."""
+    left_out: list[str] = []
+    for name in names:
+        staging = dest.parent / f".{name}-esp"
+        _copy_tree(FIXTURES / name / "esp", staging)
+        for path in sorted(staging.rglob("*")):
+            rel = path.relative_to(staging)
+            target = dest / rel
+            if path.is_symlink():
+                left_out.append(f"{name}/{rel} (symbolic link)")
+            elif path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif target.exists():
+                if target.read_bytes() != path.read_bytes():
+                    left_out.append(f"{name}/{rel} (another scenario's file)")
+            elif any(p.name.lower() == target.name.lower() for p in target.parent.iterdir()):
+                left_out.append(f"{name}/{rel} (differs only in case)")
+            else:
+                shutil.copy2(path, target)
+        shutil.rmtree(staging)
+    return left_out
+
+
 def materialize(name: str, dest: Path, case: dict | None = None) -> Machine:
     """The scenario as a root prefix under `dest`, with the case's loader.conf and EFI
     variables applied."""

@@ -135,8 +135,13 @@ def test_type1_problems():
     both = parse("efi /a.efi\nlinux /vmlinuz\n")
     assert (both.loader, both.kernel) == ("linux", "/vmlinuz")
     assert any("both linux and efi" in n for n in both.notes)
-    dotdot = parse("linux /../vmlinuz\n")
-    assert dotdot.listed and not dotdot.stageable and dotdot.kernel is None
+    above = parse("linux /../vmlinuz\n")          # above the root: never opens
+    assert not above.listed and above.kernel is None
+    assert above.problems[0].reason == fmt.KERNEL_MISSING
+    inside = parse("linux /a/./../vmlinuz\ninitrd /../x\n")
+    assert inside.listed and not inside.stageable and inside.kernel == "/vmlinuz"
+    assert inside.initrd == ()
+    assert [p.reason for p in inside.problems] == [fmt.PATH_NOT_NORMALIZED] * 2
     assert parse("linux \\EFI\\debian\\vmlinuz\n").kernel == "/EFI/debian/vmlinuz"
     reserved = parse("linux /v\n", name="auto-windows.conf")
     assert [p.reason for p in reserved.problems] == [fmt.RESERVED_NAME]

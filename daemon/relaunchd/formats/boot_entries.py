@@ -16,7 +16,8 @@ Type #1 (`loader/entries/*.conf`, config_entry_add_type1, line_get_key_value)
     `architecture` other than the firmware's (x64, aa64, ...) drops the entry.
   - An entry without `linux`/`efi`, or whose `linux`/`efi` file does not exist on its
     partition, is not listed at all. Files whose name starts with `.` or `auto-` are
-    passed over.
+    passed over. Paths: `\\` separates like `/` (convert_efi_path); the FAT driver
+    resolves `..`, and a path climbing above the partition's root never opens.
   - Not read by 252: `devicetree-overlay` (bootctl lists it), `uki` (systemd 258),
     `uki-url` (258). We parse `devicetree-overlay` and `uki` so the listing can say why
     an entry is not what the admin expects; an entry that only has `uki` is not
@@ -293,16 +294,34 @@ def decode_text(data: bytes) -> tuple[str, list[str]]:
     return bmp, notes
 
 
-def partition_path(value: str) -> str | None:
-    """A Type #1 path as a normalized partition-relative path ("/a/b"), or None if it
-    has `.`/`..` components or ends in `/` (bootctl's mangle_path refuses those; the
-    firmware's file system driver would resolve them, relaunchd does not). `\\` is a
-    separator as for the loader (convert_efi_path turns `/` into `\\`)."""
-    path = "/" + value.replace("\\", "/").lstrip("/")
-    parts = [p for p in path.split("/") if p]
-    if path.endswith("/") or any(p in (".", "..") for p in parts) or not parts:
-        return None
-    return "/" + "/".join(parts)
+@dataclass(frozen=True)
+class EntryPath:
+    """A path named by a Type #1 entry, as the loader's file system driver resolves it
+    on the entry's partition."""
+
+    path: str | None       # "/a/b"; None: it leaves the partition's root (never opens)
+    plain: bool            # no `.`/`..` component, no trailing `/` (bootctl's mangle_path)
+
+
+def partition_path(value: str) -> EntryPath:
+    """`\\` separates like `/` (convert_efi_path turns `/` into `\\`); `.` and `..` are
+    resolved as the FAT driver resolves them: `..` above the root fails to open (seen
+    with systemd-boot 252 on OVMF, tests/vm/test_boot_entries.py), elsewhere it goes up."""
+    raw = value.replace("\\", "/")
+    parts: list[str] = []
+    plain = not raw.endswith("/")
+    for part in raw.split("/"):
+        if part in ("", "."):
+            plain = plain and part == ""
+            continue
+        if part == "..":
+            plain = False
+            if not parts:
+                return EntryPath(None, False)
+            parts.pop()
+            continue
+        parts.append(part)
+    return EntryPath("/" + "/".join(parts) if parts else None, plain and bool(parts))
 
 
 def parse_type1(file_name: str, data: bytes, *, partition: str, source: str,
@@ -321,11 +340,15 @@ def parse_type1(file_name: str, data: bytes, *, partition: str, source: str,
     uki: str | None = None
 
     def path_of(key: str, value: str) -> str | None:
-        path = partition_path(value)
-        if path is None:
-            entry.problem(PATH_NOT_NORMALIZED, f"{key} {value!r}: not a plain path on the "
-                                               "partition (trailing /, . or ..)")
-        return path
+        resolved = partition_path(value)
+        if resolved.path is None:
+            reason = KERNEL_MISSING if key in ("linux", "efi") else PATH_NOT_NORMALIZED
+            entry.problem(reason, f"{key} {value!r}: leaves the partition's root, the loader "
+                                  "cannot open it")
+        elif not resolved.plain:
+            entry.problem(PATH_NOT_NORMALIZED, f"{key} {value!r}: not a plain path (trailing "
+                                               "/, . or ..): relaunchd does not stage it")
+        return resolved.path
 
     for key, value in key_values(text):
         if key == "title":
