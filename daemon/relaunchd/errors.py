@@ -117,6 +117,19 @@ class Inhibited(RelaunchError):
     name = "Inhibited"
 
 
+class NoBootEntry(RelaunchError):
+    """No boot loader entry fits: none found, or none has the requested id."""
+
+    name = "NoBootEntry"
+
+
+class InvalidBootEntry(RelaunchError):
+    """A boot loader entry relaunchd cannot stage (malformed, not a Linux kernel, a file
+    missing, not verified); the message names every reason."""
+
+    name = "InvalidBootEntry"
+
+
 class RelaunchAborted(RelaunchError):
     """A relaunch ended before the hand-off (refused, interrupted, or the daemon was killed)."""
 

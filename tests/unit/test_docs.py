@@ -160,7 +160,7 @@ def test_rpm_spec_version_and_requires():
 def test_rpm_spec_installs_every_shipped_file():
     text = SPEC.read_text(encoding="utf-8")
     shipped = [p for d in ("units", "conf", "docs/man", "packaging/completion")
-               for p in sorted((TOP / d).iterdir()) if p.is_file()]
+               for p in sorted((TOP / d).rglob("*")) if p.is_file()]
     missing = [str(p.relative_to(TOP)) for p in shipped
                if f" {p.relative_to(TOP)} " not in text]
     assert not missing, f"relaunchd.spec does not install: {missing}"
