@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from relaunchd.errors import InvalidBootEntry
 from relaunchd.formats import authenticode, pe
 from relaunchd.formats import boot_entries as fmt
-from relaunchd.platform import boot_entries
+from relaunchd.platform import boot_entries, trust_store
 from relaunchd.platform.sysroot import SysRoot
 from support import ukibuild
 
@@ -67,7 +67,7 @@ def test_type1_and_type2_verdicts_agree_with_sbverify(machine, keys, debian_kern
             (keys["db"].cert, {"db-signed.conf", "signed.efi"}),
             (debian_pem, {"debian.conf", "db-signed.conf"}),   # sbsign kept Debian's signature
             (keys["other"].cert, set())):
-        trusted = authenticode.load_certificates([str(trusted_pem)])
+        trusted = trust_store.load_certificates([str(trusted_pem)])
         listing = boot_entries.list_entries(SysRoot(str(machine)), esp="/efi", trusted=trusted)
         verdicts = {e.id: e.verified for e in listing.entries}
         assert {i for i, v in verdicts.items() if v} == verified, trusted_pem
@@ -81,7 +81,7 @@ def test_type1_and_type2_verdicts_agree_with_sbverify(machine, keys, debian_kern
 
 
 def test_entry_facts_and_refusals(machine, keys):
-    trusted = authenticode.load_certificates([str(keys["db"].cert)])
+    trusted = trust_store.load_certificates([str(keys["db"].cert)])
     listing = boot_entries.list_entries(SysRoot(str(machine)), esp="/efi", trusted=trusted)
     entries = {e.id: e for e in listing.entries}
     signed = entries["db-signed.conf"]
