@@ -13,7 +13,7 @@ import pytest
 
 from relaunchd.cli import build_parser
 
-TOP = Path(__file__).resolve().parents[2]
+TOP = Path(__file__).resolve().parents[3]
 SCRIPT = TOP / "packaging" / "completion" / "relaunchctl"
 BASH = shutil.which("bash") or "/bin/bash"
 

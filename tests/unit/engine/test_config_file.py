@@ -14,7 +14,7 @@ from relaunchd.engine.config import Config
 from relaunchd.engine.config_file import load_config, parse_config
 from relaunchd.errors import ConfigError, RelaunchError
 
-DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "conf" / "relaunchd.yaml"
+DEFAULTS_FILE = Path(__file__).resolve().parents[3] / "conf" / "relaunchd.yaml"
 
 
 def parse(text: str) -> Config:

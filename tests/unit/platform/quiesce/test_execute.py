@@ -399,7 +399,7 @@ def test_rollback_restores_the_driver_seen_at_execution(tree, tmp_path):
 CRASH_CHILD = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
-import test_quiesce as t
+import test_execute as t
 from relaunchd.platform.quiesce import QuiescePlan, execute
 from relaunchd.platform.sysroot import SysRoot
 root, plan, journal, crash_at = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
