@@ -9,7 +9,9 @@ import stat
 
 import pytest
 
-from relaunchd.prometheus import Metrics, render, write_textfile
+from relaunchd.engine.core import Engine
+from relaunchd.prometheus import Metrics, TextfileExporter, render, write_textfile
+from support.engine_env import Env, make_env, new_boot
 
 VERIFIED = {"id": "r-42", "method": "txt", "image": "/boot/efi/EFI/Linux/new.efi",
             "time": "2026-11-22T10:00:00+00:00", "verified": True, "measured": True,
@@ -271,3 +273,42 @@ def test_write_textfile_failure_leaves_no_temp(tmp_path):
         write_textfile(str(target), verified())
     assert os.listdir(tmp_path) == ["relaunchd.prom"]
     assert target.is_dir()
+
+
+# --------------------------------------------------------------------------- the exporter
+
+
+@pytest.fixture
+def env(tmp_path, keys) -> Env:
+    """The engine over the in-memory FakeMachine (tests/support/engine_env.py)."""
+    return make_env(tmp_path, str(keys["db"].cert))
+
+
+def test_metrics_textfile(env, tmp_path):
+    """The daemon's exporter follows the engine's changes (as daemon.serve wires it)."""
+    prom = tmp_path / "textfile" / "relaunchd.prom"
+    prom.parent.mkdir()
+    exporters: list[TextfileExporter] = []
+
+    def engine_with_exporter() -> Engine:
+        def notify(names: set[str]) -> None:
+            for exporter in exporters:
+                exporter(names)
+
+        engine = Engine(env.config, env.machine, notify=notify)
+        exporters[:] = [TextfileExporter(engine, str(prom))]
+        exporters[0].export()
+        return engine
+
+    engine = engine_with_exporter()
+    relaunch_id = engine.stage(env.image)
+    assert engine.wait(5) == "staged", relaunch_id
+    assert "relaunchd_staged 1" in prom.read_text()
+    engine.relaunch()
+    engine.close()
+    new_boot(env)
+    engine_with_exporter()
+    text = prom.read_text()
+    assert "relaunchd_last_relaunch_verified 1" in text
+    assert 'relaunchd_relaunches_total{result="verified"} 1' in text
+    assert "relaunchd_staged 0" in text

@@ -1,4 +1,4 @@
-"""SINIT ACM header parsing and chipset matching (relaunchd.acm), on synthetic modules
+"""SINIT ACM header parsing and chipset matching (relaunchd.formats.acm), on synthetic modules
 built from the documented layout (tests/fixtures/platforms/build.py, README.md)."""
 
 from __future__ import annotations

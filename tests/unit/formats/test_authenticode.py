@@ -12,15 +12,13 @@ import hashlib
 import os
 import random
 import struct
-from pathlib import Path
 
 import pytest
 from asn1crypto import cms
-from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relaunchd.errors import InvalidArgument, InvalidImage
+from relaunchd.errors import InvalidImage
 from relaunchd.formats import authenticode, pe
 from relaunchd.platform import trust_store
 from support import ukibuild
@@ -295,96 +293,6 @@ def test_verify_rejects_each_broken_step(signed, trusted, change, reason):
     report = authenticode.verify([broken], {"sha256": signed.digest}, trusted)
     assert not report.verified
     assert len(report.reasons) == 1 and reason in report.reasons[0], report.reasons
-
-
-# --------------------------------------------------------------------------- digest_ranges
-
-
-def headers(sections: list[tuple[int, int]], *, size_of_headers: int = 0x400,
-            file_size: int, table: tuple[int, int] = (0, 0)) -> pe.PeHeaders:
-    return pe.PeHeaders(
-        machine=0x8664, pe32_plus=True, subsystem=10, size_of_headers=size_of_headers,
-        size_of_image=0x10000, checksum_offset=0xD8, cert_dir_offset=0x128,
-        cert_table_offset=table[0], cert_table_size=table[1],
-        sections=tuple(pe.PeSection(name=f".s{i}", index=i, virtual_address=0x1000 * (i + 1),
-                                    virtual_size=size, raw_offset=off, raw_size=size,
-                                    characteristics=0)
-                       for i, (off, size) in enumerate(sections)),
-        file_size=file_size)
-
-
-HEADER_RANGES = [(0, 0xD8), (0xDC, 0x128 - 0xDC), (0x130, 0x400 - 0x130)]
-
-
-def test_ranges_skip_checksum_and_cert_entry_and_sort_sections():
-    h = headers([(0x600, 0x200), (0x400, 0x200), (0x800, 0)], file_size=0x900,
-                table=(0x800, 0x100))
-    assert authenticode.digest_ranges(h) == [*HEADER_RANGES, (0x400, 0x200), (0x600, 0x200)]
-
-
-def test_ranges_include_trailing_data_before_the_table():
-    h = headers([(0x400, 0x200)], file_size=0x700, table=(0x680, 0x80))
-    assert authenticode.digest_ranges(h)[-1] == (0x600, 0x80)
-
-
-def test_ranges_of_unsigned_image_cover_the_tail():
-    h = headers([(0x400, 0x200)], file_size=0x640)
-    assert authenticode.digest_ranges(h)[-1] == (0x600, 0x40)
-
-
-def test_ranges_leave_out_a_table_in_the_middle():
-    h = headers([(0x400, 0x200)], file_size=0x800, table=(0x600, 0x100))
-    assert authenticode.digest_ranges(h)[-2:] == [(0x400, 0x200), (0x700, 0x100)]
-
-
-@pytest.mark.parametrize(("kw", "fragment"), [
-    ({"sections": [(0x400, 0x200), (0x800, 0x200)], "file_size": 0xA00}, "gaps"),
-    ({"sections": [(0x400, 0x200)], "size_of_headers": 0x600, "file_size": 0x600},
-     "overlaps"),
-    ({"sections": [(0x400, 0x200)], "size_of_headers": 0x100, "file_size": 0x600},
-     "not inside SizeOfHeaders"),
-    ({"sections": [(0x400, 0x200)], "file_size": 0x800, "table": (0x500, 0x100)},
-     "inside the signed part"),
-])
-def test_unsupported_layouts(kw, fragment):
-    with pytest.raises(InvalidImage, match=fragment):
-        authenticode.digest_ranges(headers(**kw))
-
-
-# --------------------------------------------------------------------------- trust files
-
-
-def test_load_certificates_pem_bundle_and_der(keys, tmp_path):
-    bundle = tmp_path / "bundle.pem"
-    pems = keys["db"].cert.read_bytes() + keys["other"].cert.read_bytes()
-    bundle.write_bytes(b"comment\n" + pems)
-    certs = trust_store.load_certificates([str(bundle)])
-    assert [c.subject.rfc4514_string() for c in certs] == [keys["db"].subject,
-                                                            keys["other"].subject]
-    der = tmp_path / "db.der"
-    der.write_bytes(certs[0].public_bytes(serialization.Encoding.DER))
-    assert trust_store.load_certificates([str(der), str(bundle)])[0] == certs[0]
-
-
-@pytest.mark.parametrize(("content", "fragment"), [
-    (b"not a certificate", "not an X.509 certificate"),
-    (b"", "not an X.509 certificate"),
-    (b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "no CERTIFICATE"),
-    (b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n", "not valid base64"),
-    (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "not an X.509"),
-])
-def test_load_certificates_bad_files(tmp_path, content, fragment):
-    path = tmp_path / "bad.pem"
-    path.write_bytes(content)
-    with pytest.raises(InvalidArgument) as info:
-        trust_store.load_certificates([str(path)])
-    assert fragment in str(info.value) and str(path) in str(info.value)
-
-
-def test_load_certificates_missing_file(tmp_path):
-    path = Path(tmp_path / "nope.pem")
-    with pytest.raises(InvalidArgument, match="cannot read certificate"):
-        trust_store.load_certificates([str(path)])
 
 
 def test_rfc4514_escaping(signed):

@@ -1,5 +1,6 @@
-"""SLRT builder and parser (relaunchd.slrt) against the layouts of docs/research/drtm.md §1.2–§1.4,
-relaunchd's measurement policy (§1.6, §4.5) and the prediction helper."""
+"""SLRT builder and parser (relaunchd.formats.slrt) against the layouts of
+docs/research/drtm.md §1.2–§1.4, relaunchd's measurement policy (§1.6, §4.5) and the
+prediction helper."""
 
 from __future__ import annotations
 

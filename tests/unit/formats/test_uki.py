@@ -1,4 +1,5 @@
-"""Bad input gets a named InvalidImage, never a traceback, never a hang.
+"""The UKI reader (relaunchd.formats.uki, opened through platform.image_files): bad input
+gets a named InvalidImage, never a traceback, never a hang.
 
 Built on a small real UKI (Debian's systemd stub plus a tiny payload) so every
 mutation starts from the real PE layout."""
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relaunchd.errors import InvalidArgument, InvalidImage
+from relaunchd.formats.uki import mangle_cmdline
 from relaunchd.platform.image_files import open_image
 from support import ukibuild
 
@@ -247,3 +249,11 @@ def test_pefile_disagreeing_is_refused(small_uki, tmp_path, monkeypatch):
     with open_image(str(path), confirm=False) as image, pytest.raises(InvalidImage) as info:
         image_report.inspect_image(image, banks=("sha256",))
     assert "read differently by pefile" in str(info.value)
+
+
+# --------------------------------------------------------------------------- .cmdline text
+
+def test_cmdline_mangling_as_the_stub_does():
+    assert mangle_cmdline("  quiet\n\tsplash \x7f x\n\n") == "quiet  splash   x"
+    assert mangle_cmdline("") == ""
+    assert mangle_cmdline("a\x00b") == "a b"

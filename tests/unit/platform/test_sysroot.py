@@ -1,4 +1,5 @@
-"""The one platform reader (relaunchd.sysfs): root prefix, bounds, no blocking, why-not."""
+"""The one platform reader (relaunchd.platform.sysroot): root prefix, bounds, no blocking,
+why-not."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TXT register decoding (relaunchd.txt): pure decoders and the securityfs/devmem reader."""
+"""TXT register decoding (relaunchd.platform.txt_registers): pure decoders and the
+securityfs/devmem reader."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""bzImage setup header, zero page and setup_data (relaunchd.bootparams) against boot.rst /
-zero-page.rst offsets and the verified rules of kexec-load-notes.md."""
+"""bzImage setup header, zero page and setup_data (relaunchd.formats.x86.boot_params)
+against boot.rst / zero-page.rst offsets and the verified rules of kexec-load-notes.md."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""/sys/firmware/memmap parsing and the segment allocator (relaunchd.memmap), one case per
-pitfall of kexec-load-notes.md, plus random maps."""
+"""Firmware memory-map values and the segment allocator (relaunchd.formats.x86.memory_ranges),
+one case per pitfall of kexec-load-notes.md, plus random maps."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaunchd.errors import InvalidArgument, Unsupported
+from relaunchd.errors import InvalidArgument
 from relaunchd.formats.x86 import boot_params as bp
 from relaunchd.formats.x86 import memory_ranges as mm
-from relaunchd.platform.memory_map import read_memmap
-from relaunchd.platform.sysroot import SysRoot
-from support.memmaps import QEMU_2G, write_memmap
+from support.memmaps import QEMU_2G
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -53,19 +51,6 @@ def test_parse_errors():
         mm.parse_memmap({"0": {"start": "zz", "end": "0xf", "type": "System RAM"}})
     with pytest.raises(InvalidArgument, match="unreadable"):
         mm.parse_memmap({"0": {"start": "0x0", "end": "0xf"}})
-
-
-def test_read_memmap_through_sysroot(tmp_path):
-    write_memmap(tmp_path, QEMU_2G)
-    assert read_memmap(SysRoot(str(tmp_path))) == mm.parse_memmap(QEMU_2G)
-
-
-def test_read_memmap_missing(tmp_path):
-    with pytest.raises(Unsupported, match="CONFIG_FIRMWARE_MEMMAP"):
-        read_memmap(SysRoot(str(tmp_path)))
-    (tmp_path / "sys/firmware/memmap/0").mkdir(parents=True)
-    with pytest.raises(Unsupported, match="start"):
-        read_memmap(SysRoot(str(tmp_path)))
 
 
 # --------------------------------------------------------------------------- allocator

@@ -1,4 +1,5 @@
-"""The hand-assembled purgatory (relaunchd.purgatory), checked by binutils' disassembler."""
+"""The hand-assembled purgatory (relaunchd.formats.x86.purgatory), checked by binutils'
+disassembler."""
 
 from __future__ import annotations
 

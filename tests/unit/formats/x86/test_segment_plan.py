@@ -1,5 +1,6 @@
-"""The x86_64 segment plan (relaunchd.segments) for the real Debian kernel in a 2 GiB QEMU
-guest's memory map: the layout kexec-load-notes.md booted, and its failure modes."""
+"""The x86_64 segment plan (relaunchd.formats.x86.segment_plan) for the real Debian kernel
+in a 2 GiB QEMU guest's memory map: the layout kexec-load-notes.md booted, and its failure
+modes."""
 
 from __future__ import annotations
 
