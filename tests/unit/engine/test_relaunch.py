@@ -21,6 +21,7 @@ from relaunchd.errors import (
     QuiesceFailed,
     RelaunchError,
 )
+from relaunchd.platform.inhibitors import Inhibitor
 from support.engine_env import (
     staged_engine,
 )
@@ -207,8 +208,9 @@ def test_inhibitors_block_unless_forced(env):
     from relaunchd.errors import Inhibited
 
     engine, _ = staged_engine(env)
-    env.machine.inhibitors = [{"what": "shutdown", "who": "apt", "why": "upgrading",
-                                "mode": "block", "uid": 0, "pid": 4242}]
+    env.machine.inhibitors = [Inhibitor("shutdown", "apt", "upgrading", "block", 0, 4242),
+                              Inhibitor("shutdown", "upower", "lid", "delay", 0, 77),
+                              Inhibitor("sleep", "backup", "copying", "block", 0, 78)]
     with pytest.raises(Inhibited, match="apt .upgrading, pid 4242"):
         engine.relaunch()
     assert engine.state == "staged" and "measure" not in env.machine.names()
