@@ -75,8 +75,14 @@ def make_report(ready: set[str] = frozenset({"kexec"}), kexec_core: bool = True)
 class FakeMachine:
     """The engine's `Machine` in memory: every step recorded in `calls`, each failure
     switchable, staging returning `FakeStaged`. Steps without side effects on the host
-    (certificate files, the image location rules, the image catalogue) are the real ones.
-    tests/unit/engine/test_machine_contract.py holds it to the real `HostMachine`."""
+    (certificate files, the image location rules, the image catalogue, which logind locks
+    block) are the real ones. tests/unit/engine/test_machine_contract.py and
+    tests/integration/test_machine_contract.py hold it to the real `HostMachine`.
+
+    By design it does not model: what staging builds (every FakeStaged has the same
+    kernel/initrd digests and the command line `console=ttyS0`, whatever the options),
+    a TPM (the replay verdict and reset counter are what a test sets), or a kernel (load
+    sets `loaded`)."""
 
     def __init__(self, loaded: bool | None = False, report: Report | None = None) -> None:
         self.loaded = loaded
