@@ -109,7 +109,7 @@ class FakeMachine:
         self.fail_quiesce: BaseException | None = None
         self.reset_count = 7
         self.verdict: ReplayResult | None = None    # None: the log replays
-        self.facts = BootFacts(boot_id="new-boot", cmdline="console=ttyS0\n",
+        self.facts = BootFacts(boot_id="new-boot", cmdline="console=ttyS0",
                                kernel_started=None, now=time.time(), slaunch=False,
                                drtm_pcrs={})
         self.measured_items: list = []

@@ -66,7 +66,9 @@ def assert_boot_facts(facts: BootFacts, *, drtm: bool) -> None:
     """engine.proof.evaluate reads every field; DRTM facts only for a DRTM method."""
     assert isinstance(facts, BootFacts)
     assert_boot_id(facts.boot_id)
-    assert facts.cmdline is None or isinstance(facts.cmdline, str)
+    # /proc/cmdline as its one line reads (SysRoot.read_line): stripped, no newline
+    assert facts.cmdline is None or (isinstance(facts.cmdline, str)
+                                     and facts.cmdline == facts.cmdline.strip())
     assert facts.kernel_started is None or isinstance(facts.kernel_started, float)
     assert isinstance(facts.now, float) and abs(facts.now - time.time()) < 60
     assert isinstance(facts.slaunch, bool)

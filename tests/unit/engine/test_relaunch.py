@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from relaunchd.engine import relaunch as relaunch_rules
 from relaunchd.engine import state
 from relaunchd.engine.core import Engine
 from relaunchd.errors import (
     Busy,
+    Inhibited,
     KexecFailed,
+    NoTpm,
     NotReady,
     NotStaged,
     QuiesceFailed,
@@ -172,7 +175,6 @@ def test_measurement_extends_the_staged_digests(env):
 
 def test_no_tpm_relaunches_unmeasured_unless_required(env, tmp_path):
     from relaunchd.engine.config import MeasurementConfig
-    from relaunchd.errors import NoTpm
 
     engine, _ = staged_engine(env)
     env.machine.tpm = False
@@ -205,8 +207,6 @@ def test_a_refusing_tpm_always_stops_the_relaunch(env):
 
 
 def test_inhibitors_block_unless_forced(env):
-    from relaunchd.errors import Inhibited
-
     engine, _ = staged_engine(env)
     env.machine.inhibitors = [Inhibitor("shutdown", "apt", "upgrading", "block", 0, 4242),
                               Inhibitor("shutdown", "upower", "lid", "delay", 0, 77),
@@ -226,3 +226,105 @@ def test_method_no_longer_ready_refuses(env):
     with pytest.raises(NotReady, match="no longer ready"):
         engine.relaunch()
     assert engine.state == "staged" and "measure" not in env.machine.names()
+
+
+# ------------------------------------------------------------------ the rules, one by one
+
+def staged_record(**kw) -> state.StagedRecord:
+    base = {"id": "r-1", "path": "/boot/x.efi", "method": "kexec", "loader": "file",
+            "kernel_sha256": "11" * 32, "initrd_sha256": "22" * 32, "cmdline": "quiet",
+            "staged_at": state.now(),
+            "digests": {"kernel": {"sha256": "01" * 32, "sha1": "0a" * 20},
+                        "initrd": {"sha256": "02" * 32, "sha1": "0b" * 20},
+                        "cmdline": {"sha256": "03" * 32, "sha1": "0c" * 20}}}
+    return state.StagedRecord(**{**base, **kw})
+
+
+def caps(method: str, ready: bool, *reasons: str) -> dict:
+    return {method: {"ready": ready, "reasons": list(reasons)}}
+
+
+@pytest.mark.parametrize(("require_tpm", "refused"), [(False, False), (True, True)])
+def test_a_missing_tpm_only_means_unmeasured_unless_required(env, require_tpm, refused):
+    config = dataclasses.replace(env.config, measurement=dataclasses.replace(
+        env.config.measurement, require_tpm=require_tpm))
+    check = lambda: relaunch_rules.readiness(  # noqa: E731
+        config, env.machine, staged_record(), caps("kexec", False, "tpm-missing"), force=False)
+    if refused:
+        with pytest.raises(NotReady, match="tpm-missing"):
+            check()
+    else:
+        assert check() == []
+
+
+def test_force_overrides_readiness_and_inhibitors_and_says_so(env):
+    env.machine.inhibitors = [Inhibitor("shutdown", "apt", "upgrading", "block", 0, 7)]
+    record = staged_record(method="txt")
+    not_ready = caps("txt", False, "txt-error", "tpm-crb")
+    with pytest.raises(NotReady, match="txt-error, tpm-crb"):
+        relaunch_rules.readiness(env.config, env.machine, record, not_ready, force=False)
+    with pytest.raises(Inhibited, match=r"apt \(upgrading, pid 7\)"):
+        relaunch_rules.readiness(env.config, env.machine, record, caps("txt", True),
+                                 force=False)
+    assert relaunch_rules.readiness(env.config, env.machine, record, not_ready,
+                                    force=True) == [
+        "method txt not ready: txt-error, tpm-crb", "inhibitors: apt (upgrading, pid 7)"]
+
+
+def test_inhibitors_are_not_asked_when_the_configuration_says_so(env):
+    env.machine.inhibitors = [Inhibitor("shutdown", "apt", "upgrading", "block", 0, 7)]
+    config = dataclasses.replace(env.config, quiesce=dataclasses.replace(
+        env.config.quiesce, respect_inhibitors=False))
+    assert relaunch_rules.readiness(config, env.machine, staged_record(), caps("kexec", True),
+                                    force=False) == []
+
+
+def test_measure_extends_kernel_initrd_and_cmdline_in_that_order(env):
+    config = dataclasses.replace(env.config, measurement=dataclasses.replace(
+        env.config.measurement, banks=("sha256", "sha1")))
+    result = relaunch_rules.measure(config, env.machine, staged_record())
+    assert result == {"pcr": 23, "banks": ["sha256", "sha1"],
+                      "log": os.path.join(config.state_dir, "measurements.log"),
+                      "measured": True, "reset_count": 7,
+                      "items": ["kernel", "initrd", "cmdline"]}
+    assert env.machine.measured_items == [
+        ("kernel", {"sha256": bytes.fromhex("01" * 32), "sha1": bytes.fromhex("0a" * 20)}),
+        ("initrd", {"sha256": bytes.fromhex("02" * 32), "sha1": bytes.fromhex("0b" * 20)}),
+        ("cmdline", {"sha256": bytes.fromhex("03" * 32), "sha1": bytes.fromhex("0c" * 20)})]
+
+
+def test_measure_without_an_initrd(env):
+    record = staged_record(digests={"kernel": {"sha256": "01" * 32},
+                                    "cmdline": {"sha256": "03" * 32}})
+    assert relaunch_rules.measure(env.config, env.machine, record)["items"] == [
+        "kernel", "cmdline"]
+
+
+@pytest.mark.parametrize(("digests", "fragment"), [
+    ({"kernel": {"sha1": "0a" * 20}}, "no sha256 digest"),      # banks changed since staging
+    ({}, "no digests"),
+])
+def test_measure_refuses_what_it_cannot_extend(env, digests, fragment):
+    with pytest.raises(NotReady, match=fragment):
+        relaunch_rules.measure(env.config, env.machine, staged_record(digests=digests))
+    assert "measure" not in env.machine.names()
+
+
+def test_measure_without_a_tpm(env):
+    env.machine.tpm = False
+    result = relaunch_rules.measure(env.config, env.machine, staged_record())
+    assert result["measured"] is False and "no TPM" in result["reason"]
+    strict = dataclasses.replace(env.config, measurement=dataclasses.replace(
+        env.config.measurement, require_tpm=True))
+    with pytest.raises(NoTpm, match="require_tpm"):
+        relaunch_rules.measure(strict, env.machine, staged_record())
+
+
+def test_the_json_of_a_plan_and_a_rehearsal(env):
+    plan = env.machine.quiesce_plan(None)
+    assert relaunch_rules.plan_summary(plan) == {
+        "offline_cpus": [1], "devices": [], "holders": [], "kept_cpus": [], "notes": []}
+    report = relaunch_rules.rehearsal_json(env.machine.rehearse(plan, "/nonexistent"))
+    assert report["ok"] is True and report["executed"] == [
+        {"action": "cpu-offline", "target": "1", "previous": "1"}]
+    json.dumps(report)
