@@ -312,3 +312,74 @@ def test_metrics_textfile(env, tmp_path):
     assert "relaunchd_last_relaunch_verified 1" in text
     assert 'relaunchd_relaunches_total{result="verified"} 1' in text
     assert "relaunchd_staged 0" in text
+
+
+class StubEngine:
+    """The engine as the exporter reads it: state, staged image, last relaunch, history."""
+
+    def __init__(self) -> None:
+        self.state = "idle"
+        self.staged_image: dict = {}
+        self.last_relaunch: dict = {}
+        self.events: list[str] = []
+        self.history_calls: list[int] = []
+
+    def history(self, limit: int = 50) -> list[dict]:
+        self.history_calls.append(limit)
+        return [{"time": "t", "event": e, "id": "r", "detail": {}} for e in self.events][:limit]
+
+
+def test_the_exporter_writes_on_the_changes_it_watches(tmp_path):
+    engine = StubEngine()
+    path = tmp_path / "relaunchd.prom"
+    exporter = TextfileExporter(engine, str(path))
+    exporter({"progress"})                        # progress alone: nothing to write
+    assert not path.exists()
+    exporter({"progress", "state"})
+    assert "relaunchd_staged 0" in path.read_text()
+    engine.state, engine.staged_image = "staged", {"id": "r"}
+    exporter({"staged_image"})
+    text = path.read_text()
+    assert "relaunchd_staged 1" in text and 'relaunchd_state{state="staged"} 1' in text
+    check_exposition(text)
+
+
+def test_the_exporter_rewrites_only_when_the_snapshot_changed(tmp_path, monkeypatch):
+    engine = StubEngine()
+    writes = []
+    monkeypatch.setattr("relaunchd.prometheus.write_textfile",
+                        lambda path, metrics: writes.append(metrics))
+    exporter = TextfileExporter(engine, str(tmp_path / "x.prom"))
+    exporter.export()
+    exporter({"state"})                           # same state, same staged, same last
+    assert len(writes) == 1
+    engine.last_relaunch = {"id": "r-2", "verified": True, "time": "2026-12-02T10:00:00+00:00"}
+    exporter({"last_relaunch"})
+    assert len(writes) == 2 and writes[1].last_relaunch["id"] == "r-2"
+
+
+def test_the_exporter_counts_relaunches_by_result_from_the_whole_history(tmp_path):
+    engine = StubEngine()
+    engine.events = ["relaunch-verified", "staged", "relaunch-unverified",
+                     "relaunch-verified", "relaunch-started", "relaunch-aborted"]
+    path = tmp_path / "x.prom"
+    TextfileExporter(engine, str(path)).export()
+    text = path.read_text()
+    assert 'relaunchd_relaunches_total{result="verified"} 2' in text
+    assert 'relaunchd_relaunches_total{result="unverified"} 1' in text
+    assert engine.history_calls == [1 << 16]      # every entry the history keeps
+
+
+def test_without_a_path_the_exporter_does_nothing(tmp_path):
+    engine = StubEngine()
+    exporter = TextfileExporter(engine, None)
+    exporter({"state"})
+    exporter.export()
+    assert engine.history_calls == [] and os.listdir(tmp_path) == []
+
+
+def test_a_write_that_fails_is_logged_not_raised(tmp_path, caplog):
+    exporter = TextfileExporter(StubEngine(), str(tmp_path / "missing-dir" / "x.prom"))
+    exporter.export()
+    assert any("cannot write the metrics textfile" in r.message and "missing-dir" in r.message
+               for r in caplog.records)
