@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,18 +371,23 @@ def test_rehearse(subject):
                    "says Cancel leaves State idle")
 def test_the_real_cancel_during_staging_leaves_state_idle_as_documented(tmp_path, small_uki,
                                                                          keys):
-    subject = _real(tmp_path, _images(tmp_path, small_uki), [], str(keys["db"].cert))
+    images = _images(tmp_path, small_uki)
+    (tmp_path / "platform").mkdir()
+    config = Config(root=str(tmp_path / "platform"), state_dir=str(tmp_path / "state"),
+                    runtime_dir=str(tmp_path / "run"), image_dirs=(str(images),),
+                    trust=TrustConfig(certificates=(str(keys["db"].cert),)))
+    machine = FakeMachine(report=make_report(ready={"kexec"}))
+    machine.release_load.clear()          # the worker waits in load(): it cannot finish
+    engine = core.Engine(config, machine)
     try:
-        subject.hold()
-        subject.engine.stage(str(subject.images / "a.efi"))
-        assert subject.engine.state == "staging"
-        threading.Timer(0.5, subject.release).start()
-        subject.engine.cancel()
-        assert subject.engine.state == "idle"
+        engine.stage(str(images / "a.efi"))
+        assert machine.in_load.wait(10)
+        engine.cancel()
+        assert engine.state == "idle"
     finally:
-        subject.release()
-        subject.engine.wait(30)
-        subject.engine.close()
+        machine.release_load.set()
+        engine.wait(30)
+        engine.close()
 
 
 @pytest.mark.xfail(strict=True, reason="ListImages entries carry no `staged` flag, but "
