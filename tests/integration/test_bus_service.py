@@ -1,6 +1,7 @@
 """relaunchd on a private system-type bus with the shipped policy, over a fake engine
-(tests/support/dbus_fake_engine.py): every method and property, the CLI in both
-formats, the bus policy and polkit as root and as nobody, concurrency and sd_notify."""
+(tests/support/dbus_fake_engine.py, held to the real engine by test_engine_contract.py):
+every method and property, the CLI in both formats, the bus policy and polkit as root and
+as nobody, concurrency and sd_notify."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from relaunchd.bus import client as bus_client
 from relaunchd.bus import error_names, names
 from relaunchd.errors import AccessDenied, Busy, InvalidArgument, InvalidImage, NoDaemon, NotStaged
+from support import ukibuild
 from support.dbus_harness import (
     VENV_BIN,
     Daemon,
@@ -40,10 +42,19 @@ def private_bus():
     b.stop()
 
 
+@pytest.fixture(scope="module")
+def small_uki(tmp_path_factory) -> bytes:
+    """A real UKI (Debian's stub): Inspect and ListImages parse what they are given."""
+    return ukibuild.build_uki(ukibuild.UkiSpec([
+        (".osrel", b"ID=debian\n"), (".uname", b"6.1.0-bus"), (".linux", b"MZ" + bytes(4096)),
+    ]), tmp_path_factory.mktemp("uki") / "uki.efi").read_bytes()
+
+
 @pytest.fixture
-def images(tmp_path) -> Path:
+def images(tmp_path, small_uki) -> Path:
     d = tmp_path / "images"
     d.mkdir()
+    (d / "uki.efi").write_bytes(small_uki)
     (d / "a.efi").write_bytes(os.urandom(3 << 20))
     (d / "big.efi").write_bytes(os.urandom(8 << 20))
     (d / "bad.efi").write_bytes(os.urandom(1 << 20))
@@ -89,8 +100,10 @@ def test_every_property(client, private_bus):
                           "LastRelaunch", "LastError", "Version"}
     assert props["State"] == "idle" and props["CanRelaunch"] == "no"
     assert props["Version"] == "0.1.0-fake"
-    assert props["Capabilities"]["lockdown"] == {"mode": "none"}   # nested a{sv}
-    assert props["Capabilities"]["methods"] == ["kexec"]           # av
+    assert props["Capabilities"]["kexec"] == {"ready": True, "reasons": []}   # a{sv} in a{sv}
+    assert props["Capabilities"]["txt"]["reasons"] == ["cpu-no-smx"]          # av
+    assert props["Capabilities"]["best"] == "kexec"
+    assert props["Progress"] == {"step": "", "done": 0, "total": 0, "percent": 0}
     for name, value in props.items():
         assert client.get(name) == value
     out = gdbus(private_bus, "-m", "org.freedesktop.DBus.Properties.Set", MANAGER, "State",
@@ -111,15 +124,23 @@ def test_introspection_is_the_shipped_xml(private_bus, daemon):
 
 def test_read_only_methods(client, images):
     report = client.call("Check", options={"method": "txt"})
-    assert report["method"] == "txt" and report["ready"] is True
-    assert report["big"] == 1 << 63                       # beyond int64 → t
-    assert report["checks"][1] == {"name": "tpm", "ok": False, "detail": "no TPM"}
-    assert "detail" not in report["checks"][0]            # None values are left out
+    assert report["method"] == "txt" and report["ready"] is False
+    assert report["best"] == "kexec"
+    assert report["methods"]["kexec"]["checks"][1] == {
+        "id": "tpm-2.0", "message": "TPM 2.0 present", "remedy": "", "ok": True}
+    assert report["facts"]["tpm.version"]["value"] == 2
+    # A fact that could not be read has no value: None values are left out.
+    assert report["facts"]["iommu.units"] == {"source": "/sys/class/iommu",
+                                              "error": "not-present"}
     listed = client.call("ListImages")
     assert [i["path"] for i in listed] == sorted(str(p) for p in images.iterdir())
+    by_name = {Path(i["path"]).name: i for i in listed}
+    assert by_name["uki.efi"]["uname"] == "6.1.0-bus" and "error" not in by_name["uki.efi"]
+    assert "not a PE image" in by_name["a.efi"]["error"]
     assert client.call("GetHistory", options={"limit": 5}) == []
-    info = client.call("Inspect", str(images / "a.efi"), options={"profile": 1})
-    assert info["profile"] == 1 and info["osrel"] == {"ID": "debian"}
+    info = client.call("Inspect", str(images / "uki.efi"), options={"profile": 0})
+    assert info["os_release"] == {"ID": "debian"} and info["uname"] == "6.1.0-bus"
+    assert "pcrsig" not in info and "profile" not in info      # None values are left out
 
 
 def test_named_errors(client, images):
@@ -132,7 +153,9 @@ def test_named_errors(client, images):
     with pytest.raises(InvalidImage, match="no such file"):
         client.call("Inspect", str(images / "missing.efi"))
     with pytest.raises(InvalidArgument, match="profile 9"):
-        client.call("Inspect", str(images / "a.efi"), options={"profile": 9})
+        client.call("Inspect", str(images / "uki.efi"), options={"profile": 9})
+    with pytest.raises(InvalidImage, match="not a PE image"):
+        client.call("Inspect", str(images / "a.efi"))
     with pytest.raises(NotStaged):
         client.call("Relaunch")
     with pytest.raises(InvalidArgument):
@@ -180,8 +203,12 @@ def test_cancel_during_staging(client, images):
     client.call("Stage", str(images / "big.efi"))
     assert client.get("State") == "staging"
     client.call("Cancel")
-    assert client.get("State") == "idle"
+    # As the real engine: the stage is asked to stop, and ends in idle soon after.
+    assert client.get("Progress")["step"] in ("cancelling", "verifying") \
+        or client.get("State") == "idle"
+    assert wait_state(client, {"idle"}) == "idle"
     assert client.get("StagedImage") == {}
+    assert client.call("GetHistory")[0]["event"] == "cancelled"
     with pytest.raises(NotStaged):
         client.call("Cancel")
 
@@ -207,17 +234,19 @@ def test_cli_stage_status_images_history_cancel(private_bus, daemon, images):
     status = json.loads(relaunchctl(private_bus, "status", "--json").stdout)
     assert status["State"] == "staged" and status["StagedImage"]["path"].endswith("a.efi")
     r = relaunchctl(private_bus, "images")
-    assert r.returncode == 0 and f"* {images / 'a.efi'}" in r.stdout
+    assert r.returncode == 0 and f"  {images / 'uki.efi'}" in r.stdout
     listed = json.loads(relaunchctl(private_bus, "images", "--json").stdout)
-    assert {i["path"] for i in listed if i["staged"]} == {str(images / "a.efi")}
+    assert {i["path"] for i in listed} == {str(p) for p in images.iterdir()}
     r = relaunchctl(private_bus, "cancel", "--json")
     assert r.returncode == 0 and json.loads(r.stdout) == {"cancelled": True, "state": "idle"}
     r = relaunchctl(private_bus, "stage", "--json", str(images / "a.efi"))
-    assert r.returncode == 0 and json.loads(r.stdout)["staged"]["sha256"]
+    assert r.returncode == 0 and json.loads(r.stdout)["staged"]["kernel_sha256"]
     r = relaunchctl(private_bus, "cancel")
     assert r.returncode == 0 and "relaunchd is idle" in r.stdout
-    assert relaunchctl(private_bus, "history").stdout.strip() == "no relaunches yet"
-    assert json.loads(relaunchctl(private_bus, "history", "--json").stdout) == []
+    r = relaunchctl(private_bus, "history")
+    assert r.returncode == 0 and "unstaged" in r.stdout
+    history = json.loads(relaunchctl(private_bus, "history", "--json").stdout)
+    assert [h["event"] for h in history] == ["unstaged", "staged", "unstaged", "staged"]
 
 
 def test_cli_stage_failure_exit_codes(private_bus, daemon, images):

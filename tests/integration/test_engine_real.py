@@ -1,5 +1,6 @@
-"""The engine with the real staging on real UKIs. Only the kernel side (load,
-unload, kexec_loaded, hand-off) is faked: this host kernel has no kexec."""
+"""The engine with the real staging on real UKIs, over the real HostMachine with its
+host-changing steps faked (tests/support/dbus_fake_machine.py: load, unload, kexec_loaded,
+quiesce, hand-off) on a platform fixture root: this host kernel has no kexec."""
 
 from __future__ import annotations
 
@@ -12,48 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.platforms.build import materialize
 from relaunchd.engine.config import Config, TrustConfig
 from relaunchd.engine.core import Engine
-from relaunchd.engine.host_machine import HostMachine
-from relaunchd.launch.assessment import Report
-from relaunchd.launch.checks import Check, Verdict
-from relaunchd.platform.sysroot import Read, SysRoot
-
-
-class KernelFake(HostMachine):
-    """The real machine (so the real staging.prepare), with the kernel faked."""
-
-    def __init__(self, root: str) -> None:
-        super().__init__(SysRoot(root))
-        self.loaded = False
-        self.loads: list = []
-        self.handoffs: list[str] = []
-        self.hook = None          # wraps the progress callback (pause points)
-
-    def kexec_loaded(self):
-        return self.loaded
-
-    def prepare(self, path, options, progress=None):
-        if self.hook is not None and progress is not None:
-            progress = self.hook(progress)
-        return super().prepare(path, options, progress)
-
-    def load(self, staged):
-        assert staged.kernel.fd >= 0          # sealed memfds, open while loading
-        self.loads.append(staged)
-        self.loaded = True
-
-    def unload(self):
-        self.loaded = False
-
-    def handoff(self, kind):
-        self.handoffs.append(kind)
-
-    def readiness(self):
-        verdicts = {m: Verdict(m, (Check(f"{m}-ok", m == "kexec", m),))
-                    for m in ("txt", "skinit", "kexec")}
-        return Report(self.root.root, {"kexec.support": Read("/sys", {"kexec_core": True})},
-                      verdicts)
+from support.dbus_fake_machine import HostMachineWithoutSideEffects
 
 
 @pytest.fixture
@@ -63,13 +26,16 @@ def setup(tmp_path, real_ukis, keys):
     os.chmod(images, 0o755)
     for name in ("signed", "signed-twice", "multi", "tampered", "signed-other", "minimal"):
         shutil.copy(real_ukis[name], images / f"{name}.efi")
-    root = tmp_path / "platform"
+    # A machine where the kexec method is ready (and txt/skinit are not).
+    root = materialize("intel-laptop-ptt", tmp_path)
     (root / "proc/sys/kernel/random").mkdir(parents=True)
     (root / "proc/sys/kernel/random/boot_id").write_text("boot-1\n")
+    (tmp_path / "run").mkdir()
     config = Config(root=str(root), state_dir=str(tmp_path / "state"),
                     runtime_dir=str(tmp_path / "run"), image_dirs=(str(images),),
                     trust=TrustConfig(certificates=(str(keys["db"].cert),)))
-    platform = KernelFake(str(root))
+    platform = HostMachineWithoutSideEffects(str(root), config.runtime_dir,
+                                             probe_config=config.probe_config())
     names: list[set[str]] = []
     engine = Engine(config, platform, notify=names.append)
     yield engine, platform, images, config, names
@@ -110,7 +76,7 @@ def test_stage_signed_uki_and_relaunch(setup, debian_kernel):
     assert any("progress" in n for n in names)
     assert len(open_fds() - before) == 3       # image, kernel, initrd memfds while staged
     engine.relaunch()
-    assert platform.handoffs == ["systemd"] and engine.state == "relaunching"
+    assert platform.handoff_kinds() == ["systemd"] and engine.state == "relaunching"
     pending = json.loads((Path(config.state_dir) / "pending.json").read_text())
     assert pending["predictions"]["pcr11"]["sha256"] == inspected["pcr11"]["sha256"]
     assert pending["boot_id"] == "boot-1"
@@ -127,7 +93,7 @@ def test_restage_and_cancel_close_memfds(setup):
     assert engine.staged_image["cmdline"].endswith(f"quiet relaunchd.id={second}")
     assert len(open_fds() - before) == 3       # the first image's memfds were closed
     engine.cancel()
-    assert engine.state == "idle" and platform.loaded is False
+    assert engine.state == "idle" and platform.kexec_loaded() is False
     assert open_fds() == before
 
 
@@ -142,7 +108,7 @@ def test_stage_rejected_leaves_nothing(setup, name, error):
     engine.stage(str(images / f"{name}.efi"))
     assert engine.wait(60) == "failed"
     assert engine.last_error["name"] == error
-    assert platform.loads == [] and platform.loaded is False
+    assert platform.loads == [] and platform.kexec_loaded() is False
     assert not (Path(config.runtime_dir) / "staged.json").exists()
     assert open_fds() == before
 
@@ -158,7 +124,7 @@ def test_cancel_during_real_staging(setup):
             progress(step, done, total)
         return wrapped
 
-    platform.hook = hook
+    platform.progress_hook = hook
     before = open_fds()
     engine.stage(str(images / "signed.efi"))
     assert entered.wait(30)
@@ -166,7 +132,7 @@ def test_cancel_during_real_staging(setup):
     engine.cancel()
     resume.set()
     assert engine.wait(60) == "idle"
-    assert platform.loads == [] and platform.loaded is False
+    assert platform.loads == [] and platform.kexec_loaded() is False
     assert not (Path(config.runtime_dir) / "staged.json").exists()
     assert open_fds() == before
     assert engine.history()[-1]["event"] == "cancelled"

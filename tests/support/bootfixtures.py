@@ -123,3 +123,13 @@ def materialize(name: str, dest: Path, case: dict | None = None) -> Machine:
     if case.get("efivars"):
         set_efivars(dest, case["efivars"])
     return Machine(dest, "/efi", xbootldr)
+
+
+def tree(root, files: dict[str, str | bytes]) -> None:
+    """Write `files` ({path under root: content}) below `root`, making directories."""
+    for rel, content in files.items():
+        path = root / rel.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            content = content.encode()
+        path.write_bytes(content)

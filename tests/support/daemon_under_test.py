@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
 
         return daemon.main(
             rest, make_engine=lambda config, notify: Engine(
-                config, HostMachineWithoutSideEffects(config), notify=notify))
+                config, HostMachineWithoutSideEffects.from_config(config), notify=notify))
     print(f"daemon_under_test: unknown kind {kind!r} (fake-engine, fake-machine)",
           file=sys.stderr)
     return 2

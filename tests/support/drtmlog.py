@@ -1,5 +1,5 @@
 """A DRTM event log as a TXT launch of a Secure Launch kernel leaves it, for the tests that
-prove a DRTM relaunch (tests/unit/test_outcome_drtm.py, test_engine.py).
+prove a DRTM relaunch (tests/unit/engine/test_proof.py).
 
 Written from the TCG format (PFP §10.2: Spec ID header, TCG_PCR_EVENT2 records):
 SINIT's events first (HASH_START, MLE_HASH), then the Secure Launch kernel's 0x502

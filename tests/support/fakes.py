@@ -1,10 +1,18 @@
 """Fakes shared by the tests: the engine's machine in memory (`FakeMachine`), and what
-it stages (`FakeStaged`). The D-Bus tests' fakes are in dbus_fake_engine.py (an engine)
-and dbus_fake_machine.py (the real machine with every host-changing step faked)."""
+it stages (`FakeStaged`). The other fakes are dbus_fake_engine.py (an engine for the bus
+tests) and dbus_fake_machine.py (the real HostMachine with every host-changing step
+faked, for the real engine over real staging).
+
+Each is held to the real thing by contract tests that run the same assertions against
+both: tests/unit/engine/test_machine_contract.py and
+tests/integration/test_machine_contract.py (FakeMachine vs HostMachine, assertions in
+support/machine_contract.py), tests/integration/test_engine_contract.py (the fake engine vs
+engine.core.Engine)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -12,10 +20,12 @@ from typing import Any
 
 from relaunchd.engine.host_machine import HostMachine
 from relaunchd.engine.machine import BootFacts
+from relaunchd.errors import NoTpm
 from relaunchd.launch.assessment import Report
 from relaunchd.launch.checks import Check, Verdict
 from relaunchd.launch.registry import NAMES
 from relaunchd.platform import image_files, quiesce
+from relaunchd.platform.inhibitors import Inhibitor
 from relaunchd.platform.sysroot import Read
 from relaunchd.platform.tpm_extend_log import ReplayResult
 from relaunchd.platform.trust_store import load_certificates
@@ -65,8 +75,14 @@ def make_report(ready: set[str] = frozenset({"kexec"}), kexec_core: bool = True)
 class FakeMachine:
     """The engine's `Machine` in memory: every step recorded in `calls`, each failure
     switchable, staging returning `FakeStaged`. Steps without side effects on the host
-    (certificate files, the image location rules, the image catalogue) are the real ones.
-    tests/unit/engine/test_machine_contract.py holds it to the real `HostMachine`."""
+    (certificate files, the image location rules, the image catalogue, which logind locks
+    block) are the real ones. tests/unit/engine/test_machine_contract.py and
+    tests/integration/test_machine_contract.py hold it to the real `HostMachine`.
+
+    By design it does not model: what staging builds (every FakeStaged has the same
+    kernel/initrd digests and the command line `console=ttyS0`, whatever the options),
+    a TPM (the replay verdict and reset counter are what a test sets), or a kernel (load
+    sets `loaded`)."""
 
     def __init__(self, loaded: bool | None = False, report: Report | None = None) -> None:
         self.loaded = loaded
@@ -87,13 +103,13 @@ class FakeMachine:
         self.in_load = threading.Event()
         self.release_load = threading.Event()
         self.release_load.set()
-        self.inhibitors: list[dict] = []
-        self.tpm = True                       # False: measure raises NoTpm
+        self.inhibitors: list[Inhibitor] = []     # what logind would list
+        self.tpm = True                       # False: every TPM step raises NoTpm
         self.fail_measure: BaseException | None = None
         self.fail_quiesce: BaseException | None = None
         self.reset_count = 7
-        self.verdict = ReplayResult(True, {"sha256": "aa"}, {"sha256": "aa"}, ())
-        self.facts = BootFacts(boot_id="new-boot", cmdline="console=ttyS0\n",
+        self.verdict: ReplayResult | None = None    # None: the log replays
+        self.facts = BootFacts(boot_id="new-boot", cmdline="console=ttyS0",
                                kernel_started=None, now=time.time(), slaunch=False,
                                drtm_pcrs={})
         self.measured_items: list = []
@@ -162,8 +178,11 @@ class FakeMachine:
         return self.boot
 
     def digests(self, staged, banks):
-        return {item: {b: f"{n:02x}" * 32 for b in banks}
-                for n, item in enumerate(("kernel", "initrd", "cmdline"), 1)}
+        """Made-up values (01…, 02…, 03…) of each bank's length; no initrd digest for an
+        image without one, as HostMachine."""
+        items = [("kernel", 1), ("initrd", 2), ("cmdline", 3)]
+        return {item: {b: f"{n:02x}" * hashlib.new(b).digest_size for b in banks}
+                for item, n in items if item != "initrd" or staged.initrd is not None}
 
     def quiesce_plan(self, policy):
         return quiesce.QuiescePlan(reboot_cpu=0, offline_cpus=(1,), kept_cpus=(), devices=(),
@@ -188,31 +207,53 @@ class FakeMachine:
         return quiesce.RollbackReport()
 
     def block_inhibitors(self):
+        # The rule of which locks block and the entries' shape are HostMachine's; only
+        # logind's answer (`inhibitors`, Inhibitor records) is made up.
+        return HostMachine(inhibitor_source=self).block_inhibitors()
+
+    def list_inhibitors(self) -> list[Inhibitor]:
+        """The InhibitorSource (bus.logind's part) block_inhibitors asks."""
         return list(self.inhibitors)
 
-    def measure(self, tcti, pcr, banks, items, log_path, relaunch_id):
-        from relaunchd.errors import NoTpm
-
-        self.calls.append(("measure", pcr))
+    def _require_tpm(self) -> None:
+        # As HostMachine without a TPM (tpm_extend_log: no device, no tpm2-pytss).
         if not self.tpm:
             raise NoTpm("no TPM: cannot open device:/dev/tpmrm0")
+
+    def measure(self, tcti, pcr, banks, items, log_path, relaunch_id):
+        self.calls.append(("measure", pcr))
+        self._require_tpm()
         if self.fail_measure is not None:
             raise self.fail_measure
         self.measured_items = list(items)
         return self.reset_count
 
     def replay_log(self, log_path, tcti, pcr, banks):
+        self._require_tpm()
+        if self.verdict is None:     # the log replays: every bank asked for, PCR and log agree
+            zeros = {b: "00" * hashlib.new(b).digest_size for b in banks}
+            return ReplayResult(True, zeros, dict(zeros), ())
         return self.verdict
 
     def tpm_reset_count(self, tcti):
+        self._require_tpm()
         return self.reset_count
 
     def recover_log(self, log_path, tcti, pcr, banks):
         self.calls.append(("recover",))
+        self._require_tpm()
         return self.dropped
 
     def boot_facts(self, drtm, tcti):
-        return dataclasses.replace(self.facts, now=time.time())
+        facts = dataclasses.replace(self.facts, now=time.time())
+        if drtm and not facts.drtm_pcrs:
+            # As HostMachine on a machine without Secure Launch: no DRTM PCRs to read,
+            # no securityfs log (unless a test set them).
+            facts = dataclasses.replace(facts, drtm_pcrs={"error": "no TPM"})
+        if drtm and facts.drtm_log is None and facts.drtm_log_error is None:
+            facts = dataclasses.replace(
+                facts, drtm_log_error="/sys/kernel/security/slaunch/eventlog: not-present")
+        return facts
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]

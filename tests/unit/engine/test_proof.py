@@ -1,0 +1,201 @@
+"""Proving a relaunch after the new boot (relaunchd.engine.proof): the engine over the
+FakeMachine concluding a pending record in the boot it led to (boot id, command line, TPM
+reset counter and log replay, a relaunch aborted in the same boot), and `evaluate` on DRTM
+launches: the DRTM event log must replay to the TPM's PCRs 17/18 and hold the events
+relaunchd's SLRT policy predicted at staging (tests/support/drtmlog.py writes the log)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from relaunchd.engine import proof, state
+from relaunchd.engine.machine import BootFacts
+from relaunchd.engine.state import PendingRecord
+from relaunchd.formats import slrt
+from relaunchd.platform.tpm_extend_log import ReplayResult
+from support.drtmlog import CMDLINE, PREDICTED, launch_log, prediction
+from support.engine_env import (
+    relaunched,
+    staged_engine,
+)
+from support.fakes import BOOT_ID
+
+
+def pending(predictions: dict | None = None) -> PendingRecord:
+    return PendingRecord(
+        id="r-1", time="2026-12-02T00:00:00Z", path="/boot/efi/EFI/Linux/next.efi",
+        method="txt", loader="segments", kernel_sha256="00" * 32, initrd_sha256="11" * 32,
+        cmdline=CMDLINE, handoff="systemd", boot_id="old-boot",
+        predictions={"drtm": prediction()} if predictions is None else predictions,
+        handoff_at=time.time() - 5)
+
+
+def facts(log: bytes | None, values: dict, *, error: str | None = None) -> BootFacts:
+    return BootFacts(boot_id="new-boot", cmdline=CMDLINE + "\n", kernel_started=None,
+                     now=time.time(), slaunch=True,
+                     drtm_pcrs={"bank": "sha256", "values": values, "reset_state": False},
+                     drtm_log=log, drtm_log_error=error)
+
+
+def evaluate(record: PendingRecord, boot: BootFacts) -> dict:
+    return proof.evaluate(record, boot, verdict=None, reset_count=None)
+
+
+def test_a_launch_as_predicted_is_verified():
+    log, values = launch_log()
+    result = evaluate(pending(), facts(log, values))
+    assert result["mismatches"] == [] and result["verified"] is True
+    assert result["drtm"] is True
+    assert result["drtm_log"] == {"events": 6, "replays": True, "predicted": 3, "matched": 3}
+
+
+def test_a_different_command_line_is_named():
+    tampered = [(p, label, b"init=/bin/sh\0" if label == slrt.LABEL_CMDLINE else data)
+                for p, label, data in PREDICTED]
+    log, values = launch_log(tampered)
+    result = evaluate(pending(), facts(log, values))
+    assert result["verified"] is False and result["drtm"] is False
+    [problem] = result["mismatches"]
+    assert "Measured Kernel command line" in problem and "predicted" in problem
+
+
+def test_a_log_that_does_not_replay_to_the_tpm_is_refused():
+    log, values = launch_log()
+    values[18] = "ab" * 32        # the TPM saw something the log does not show
+    result = evaluate(pending(), facts(log, values))
+    assert result["verified"] is False
+    assert any("does not replay to PCR 18 sha256" in m for m in result["mismatches"])
+    assert not any("PCR 17" in m for m in result["mismatches"])
+
+
+def test_a_missing_policy_event_is_named():
+    log, values = launch_log([e for e in PREDICTED if e[1] != slrt.LABEL_INITRD])
+    result = evaluate(pending(), facts(log, values))
+    [problem] = result["mismatches"]
+    assert "Measured Kernel initrd" in problem and "not in the log" in problem
+
+
+def test_no_log_no_prediction_and_garbage_each_fail_by_name():
+    log, values = launch_log()
+    unreadable = evaluate(pending(), facts(None, values, error="/sys/...: not-present"))
+    assert any("DRTM event log is unreadable" in m for m in unreadable["mismatches"])
+    unpredicted = evaluate(pending({}), facts(log, values))
+    assert any("no DRTM prediction" in m for m in unpredicted["mismatches"])
+    garbage = bytearray(log)
+    garbage[-1] = 1               # a stray byte after the zero tail
+    malformed = evaluate(pending(), facts(bytes(garbage), values))
+    assert any("DRTM event log is malformed" in m for m in malformed["mismatches"])
+    for result in (unreadable, unpredicted, malformed):
+        assert result["verified"] is False and result["drtm"] is False
+
+
+# ------------------------------------------------------------------ the engine in the new boot
+
+def test_new_boot_proves_the_relaunch(env):
+    relaunched(env)
+    env.machine.facts = dataclasses.replace(env.machine.facts,
+                                             kernel_started=time.time())
+    engine = env.engine()
+    last = engine.last_relaunch
+    assert last["verified"] is True, last["mismatches"]
+    assert last["measured"] is True and last["drtm"] is False and last["mismatches"] == []
+    assert last["previous_boot_id"] == BOOT_ID and last["boot_id"] == "new-boot"
+    assert last["downtime_ms"] >= 0 and set(last["phases"]) == {"down_ms", "up_ms"}
+    assert not env.pending_json.exists()
+    assert engine.history()[0]["event"] == "relaunch-verified"
+    assert json.loads((Path(env.config.state_dir) / "last-relaunch.json").read_text()) == last
+    assert env.engine().last_relaunch == last          # kept across restarts
+
+
+@pytest.mark.parametrize("what, expect", [
+    ("cmdline", "/proc/cmdline is"),
+    ("reset", "the TPM was reset since the hand-off"),
+    ("log", "PCR 23 sha256: log replays"),
+    ("boot_id", "the boot id did not change"),
+])
+def test_new_boot_that_is_not_the_staged_one_is_unverified(env, what, expect):
+    relaunched(env)
+    p = env.machine
+    if what == "cmdline":
+        p.facts = dataclasses.replace(p.facts, cmdline="console=ttyS0 quiet\n")
+    elif what == "reset":
+        p.reset_count = 8
+    elif what == "log":
+        p.verdict = ReplayResult(False, {"sha256": "aa"}, {"sha256": "bb"},
+                            ("PCR 23 sha256: log replays to aa, TPM has bb",))
+    else:
+        p.facts = dataclasses.replace(p.facts, boot_id=BOOT_ID)
+        # the boot id file says new-boot, so the engine treats it as a new boot, but
+        # the facts it gathers disagree: the outcome must still fail
+    engine = env.engine()
+    last = engine.last_relaunch
+    assert last["verified"] is False
+    assert any(expect in m for m in last["mismatches"]), last["mismatches"]
+    assert engine.history()[0]["event"] == "relaunch-unverified"
+
+
+def test_unmeasured_relaunch_is_verified_without_a_tpm_check(env):
+    env.machine.tpm = False
+    relaunched(env)
+    env.machine.verdict = ReplayResult(False, {}, {}, ("would fail",))
+    last = env.engine().last_relaunch
+    assert last["verified"] is True and last["measured"] is False
+
+
+def test_restart_in_the_same_boot_reports_an_aborted_relaunch(env):
+    engine, relaunch_id = staged_engine(env)
+    engine.relaunch()
+    engine.close()         # as if SIGKILLed after the hand-off request, no new boot
+    env.machine.calls.clear()
+    env.machine.dropped = 3
+    again = env.engine()
+    assert again.state == "staged"                     # still loaded: can try again
+    assert again.last_error["name"] == "RelaunchAborted"
+    assert "3 measurement records" in again.last_error["message"]
+    assert ("recover",) in env.machine.calls
+    assert not env.pending_json.exists()
+    assert not (Path(env.config.runtime_dir) / state.HANDOFF).exists()
+    assert again.history()[0]["event"] == "relaunch-aborted"
+    assert again.last_relaunch == {}
+    again.relaunch()
+    assert again.state == "relaunching"
+
+
+def test_a_drtm_relaunch_is_proven_against_the_drtm_log(env):
+    """A txt relaunch: the pending record carries the SLRT-policy prediction, the new
+    boot's facts the DRTM log and PCRs 17/18 (tests/support/drtmlog.py builds them, as for
+    the `evaluate` tests above); the engine asks the platform for DRTM facts and publishes
+    the verdict."""
+    from support.drtmlog import launch_log, prediction
+
+    relaunched(env, method="txt", loader="segments", predictions={"drtm": prediction()})
+    log, values = launch_log()
+    env.machine.facts = dataclasses.replace(
+        env.machine.facts, slaunch=True, drtm_log=log,
+        drtm_pcrs={"bank": "sha256", "values": values, "reset_state": False})
+    last = env.engine().last_relaunch
+    assert last["mismatches"] == [] and last["verified"] is True
+    assert last["drtm"] is True and last["drtm_log"]["matched"] == 3
+
+
+def test_a_drtm_log_with_a_changed_event_is_not_verified(env):
+    from support.drtmlog import launch_log, prediction
+
+    relaunched(env, method="txt", loader="segments", predictions={"drtm": prediction()})
+    log, values = launch_log()
+    tampered = bytearray(log)
+    at = tampered.find(b"Measured Kernel command line") - 4 - 32   # its sha256 digest
+    tampered[at] ^= 1
+    env.machine.facts = dataclasses.replace(
+        env.machine.facts, slaunch=True, drtm_log=bytes(tampered),
+        drtm_pcrs={"bank": "sha256", "values": values, "reset_state": False})
+    last = env.engine().last_relaunch
+    assert last["verified"] is False and last["drtm"] is False
+    assert any("does not replay to PCR 17" in m for m in last["mismatches"])
+    assert any("'Measured Kernel command line' (PCR 17) sha256" in m
+               for m in last["mismatches"])
