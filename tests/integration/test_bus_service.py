@@ -235,6 +235,7 @@ def test_cli_stage_status_images_history_cancel(private_bus, daemon, images):
     assert status["State"] == "staged" and status["StagedImage"]["path"].endswith("a.efi")
     r = relaunchctl(private_bus, "images")
     assert r.returncode == 0 and f"  {images / 'uki.efi'}" in r.stdout
+    assert f"* {images / 'a.efi'}" in r.stdout                  # the staged one, marked
     listed = json.loads(relaunchctl(private_bus, "images", "--json").stdout)
     assert {i["path"] for i in listed} == {str(p) for p in images.iterdir()}
     r = relaunchctl(private_bus, "cancel", "--json")

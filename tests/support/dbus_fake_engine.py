@@ -183,7 +183,9 @@ class Engine:
         return result
 
     def list_images(self) -> list[dict]:
-        return self._catalogue.list_images()
+        with self._lock:
+            staged = self._staged.get("path") if self._state == "staged" else None
+        return self._catalogue.list_images(staged_path=staged)
 
     def inspect(self, path: str, profile=None) -> dict:
         return self._catalogue.inspect(path, profile)

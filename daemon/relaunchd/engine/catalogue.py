@@ -18,9 +18,10 @@ class Catalogue:
         self.config = config
         self.machine = machine
 
-    def list_images(self) -> list[dict]:
+    def list_images(self, staged_path: str | None = None) -> list[dict]:
+        """Each image's catalogue entry, `staged` true for the one at `staged_path`."""
         policy = ImagePolicy(tuple(self.config.image_dirs))
-        return [self.machine.describe_image(path, policy)
+        return [{**self.machine.describe_image(path, policy), "staged": path == staged_path}
                 for path in self.machine.find_images(self.config.image_dirs)]
 
     def inspect(self, path: str, profile: int | None = None) -> dict:

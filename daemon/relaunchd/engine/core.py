@@ -148,7 +148,11 @@ class Engine:
         return result
 
     def list_images(self) -> list[dict]:
-        return self._catalogue.list_images()
+        """The catalogue, each entry marked `staged` when it is the staged image."""
+        with self.lock:
+            staged = self.record.path if self.record is not None \
+                and self._state in HAS_STAGED_IMAGE else None
+        return self._catalogue.list_images(staged_path=staged)
 
     def inspect(self, path: str, profile: int | None = None) -> dict:
         return self._catalogue.inspect(path, profile)

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relaunchd.engine")
 
+CANCEL_WAIT = 30.0    # seconds Cancel waits for a stopping stage (a kexec load takes ~1 s)
+
 class Cancelled(BaseException):
     """Raised inside the staging worker when Cancel was requested; a BaseException so no
     `except Exception` on the way turns it into a failure."""
@@ -194,19 +196,22 @@ class Stager:
                 self._cancel.set()
 
     def cancel(self) -> None:
-        """Staging: request the abort and return (the worker unloads what it did and
-        ends in idle; `wait()` to block). Staged: unload now, idle."""
+        """Staging: stop it and return once the worker has undone what it did (State
+        idle); a worker held up in the kernel longer than CANCEL_WAIT leaves State
+        `staging` with step `cancelling`, and it ends in idle on its own. Staged: unload
+        now, idle."""
         engine = self.engine
         with engine.lock:
             if engine.state == "staging":
-                if self._cancel.is_set():
-                    return
+                first = not self._cancel.is_set()
                 self._cancel.set()
-                changed = engine.update(progress={**engine.progress, "step": "cancelling"})
+                changed = engine.update(progress={**engine.progress, "step": "cancelling"}) \
+                    if first else set()
             else:
                 changed = None
         if changed is not None:
             engine.emit(changed)
+            engine.wait(CANCEL_WAIT)     # the copy stops at its next chunk, a load returns
             return
         engine.begin_operation()
         try:
