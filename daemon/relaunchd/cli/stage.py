@@ -57,7 +57,10 @@ def register(subparsers) -> None:
     parser.add_argument("--image-dir", action="append", default=[], metavar="DIR",
                         help="allowed image directory (repeatable; default: /boot, /efi, "
                              "/boot/efi, /usr/lib/kernel, /var/lib/relaunchd/images)")
-    parser.add_argument("--follow-symlinks", action="store_true")
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="follow symbolic links below the allowed directory, but only "
+                             "links root owns in directories only root can write, leading "
+                             "beneath an allowed directory (refused otherwise)")
     parser.add_argument("--no-addons", action="store_true",
                         help="ignore add-ons (*.addon.efi in loader/addons/ and "
                              "IMAGE.extra.d/), which are otherwise applied as systemd-stub "
