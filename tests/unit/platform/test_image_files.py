@@ -1,6 +1,6 @@
 """Image paths resolved once, by descriptor (issue 14, item 2), against fixture trees: the
-image policy's walk (`image_files`) and the walk itself (`path_walk`, with openat2 and with
-its openat fallback).
+image policy's walk (`image_files`), the walk itself (`path_walk`, with openat2 and with
+its openat fallback) and certificate files (`trust_store`).
 
 The kernel is the oracle for the openat2 constants: RESOLVE_NO_SYMLINKS must make it refuse
 a link (ELOOP) and RESOLVE_BENEATH a ".." out of the directory (EXDEV), as openat2(2) says.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from relaunchd.errors import InvalidImage
-from relaunchd.platform import image_files, path_walk
+from relaunchd.errors import InvalidArgument, InvalidImage
+from relaunchd.platform import image_files, path_walk, trust_store
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown to nobody)")
 
@@ -295,3 +295,34 @@ def test_inspect_opener_follows_only_trusted_links(tree, mode):
     os.lchown(evil / "y.efi", NOBODY, NOBODY)
     with pytest.raises(InvalidImage, match="owned by uid 65534"):
         image_files.open_regular(str(evil / "y.efi"), follow_symlinks=True)
+
+
+# ---------------------------------------------------------------- certificate files
+
+
+def test_certificate_files_need_a_path_only_root_controls(tree, keys, mode):
+    cert = tree / "db.pem"
+    cert.write_bytes(keys["db"].cert.read_bytes())
+    os.chmod(cert, 0o644)
+    assert trust_store.load_certificates([str(cert)])
+    os.chmod(cert, 0o666)
+    with pytest.raises(InvalidArgument, match="db.pem: is writable by non-root users"):
+        trust_store.load_certificates([str(cert)])
+    os.chmod(cert, 0o644)
+    os.chown(cert, NOBODY, NOBODY)
+    with pytest.raises(InvalidArgument, match="cannot read certificate .*owned by uid 65534"):
+        trust_store.load_certificates([str(cert)])
+    os.chown(cert, 0, 0)
+    evil = tree / "evil"
+    evil.mkdir(mode=0o755)
+    os.chown(evil, NOBODY, NOBODY)
+    (evil / "db.pem").symlink_to(cert)
+    with pytest.raises(InvalidArgument, match=f"{evil} is owned by uid 65534"):
+        trust_store.load_certificates([str(evil / "db.pem")])
+    # A root link in a root directory (as /etc/ssl/certs/*.pem) is followed.
+    (tree / "link.pem").symlink_to(cert)
+    assert trust_store.load_certificates([str(tree / "link.pem")])
+    fifo = tree / "fifo.pem"
+    os.mkfifo(fifo, 0o644)
+    with pytest.raises(InvalidArgument, match="is a FIFO, not a regular file"):
+        trust_store.load_certificates([str(fifo)])
