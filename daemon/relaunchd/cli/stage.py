@@ -28,7 +28,10 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="build and verify everything but load nothing")
     parser.add_argument("--output", metavar="DIR",
-                        help="with --dry-run: write kernel, initrd, cmdline, plan.json here")
+                        help="with --dry-run: write kernel, initrd, cmdline, plan.json into "
+                             "DIR, a new directory (made with mode 0700) or an empty one "
+                             "you own that nobody else may write; existing files are never "
+                             "overwritten")
     parser.add_argument("--local", action="store_true",
                         help="stage in this process, without relaunchd (the daemon is used "
                              "when reachable and no local-only option is given)")

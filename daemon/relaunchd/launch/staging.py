@@ -49,7 +49,13 @@ from relaunchd.formats.image_report import ImageReport, inspect_image
 from relaunchd.formats.pe import FileRange
 from relaunchd.formats.x86 import boot_params
 from relaunchd.launch import registry
-from relaunchd.platform import addon_files, image_files, kexec_syscalls, sealed_memfd
+from relaunchd.platform import (
+    addon_files,
+    image_files,
+    kexec_syscalls,
+    output_dir,
+    sealed_memfd,
+)
 from relaunchd.platform.sysroot import SysRoot
 
 ID_ARGUMENT = "relaunchd.id"
@@ -526,30 +532,30 @@ def loaded(root: SysRoot) -> bool | None:
 
 def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
     """`--dry-run --output DIR`: kernel, initrd, cmdline, plan.json, and for the
-    segment loader slrt.bin and bootparams.bin."""
-    os.makedirs(directory, exist_ok=True)
-    written = []
+    segment loader slrt.bin and bootparams.bin. DIR and every file are opened as
+    `output_dir` says (a directory of the caller's, O_EXCL | O_NOFOLLOW, all or
+    nothing); the kernel and initrd are copied from their sealed memfds in the kernel."""
+    files: list[tuple[str, output_dir.Writer]] = []
     for blob in (staged.kernel, staged.initrd):
-        if blob is None:
-            continue
-        target = os.path.join(directory, blob.name)
-        with open(target, "wb") as out:
-            sealed_memfd.copy_range(blob.fd, 0, blob.size, out.fileno())
-        written.append(target)
-    target = os.path.join(directory, "cmdline")
-    with open(target, "wb") as out:
-        out.write(staged.cmdline.nul_terminated)
-    written.append(target)
+        if blob is not None:
+            files.append((blob.name, _copy_of(blob)))
+    files.append(("cmdline", _bytes_of(staged.cmdline.nul_terminated)))
     if staged.segment_plan is not None:
-        for name, data in (("slrt.bin", staged.slrt), ("bootparams.bin",
-                                                       staged.segment_plan.zero_page)):
-            target = os.path.join(directory, name)
-            with open(target, "wb") as out:
-                out.write(data)
-            written.append(target)
-    target = os.path.join(directory, "plan.json")
-    with open(target, "w") as out:
-        json.dump(staged.plan(), out, indent=2)
-        out.write("\n")
-    written.append(target)
-    return written
+        files.append(("slrt.bin", _bytes_of(staged.slrt or b"")))
+        files.append(("bootparams.bin", _bytes_of(staged.segment_plan.zero_page)))
+    plan = (json.dumps(staged.plan(), indent=2) + "\n").encode()
+    files.append(("plan.json", _bytes_of(plan)))
+    with output_dir.open_output_directory(directory) as out:
+        return out.write_all(files)
+
+
+def _copy_of(blob: SealedPart) -> output_dir.Writer:
+    return lambda fd: sealed_memfd.copy_range(blob.fd, 0, blob.size, fd)
+
+
+def _bytes_of(data: bytes) -> output_dir.Writer:
+    def write(fd: int) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    return write
