@@ -29,8 +29,8 @@ def register(subparsers) -> None:
                         help="build and verify everything but load nothing")
     parser.add_argument("--output", metavar="DIR",
                         help="with --dry-run: write kernel, initrd, cmdline, plan.json into "
-                             "DIR, a new directory (made with mode 0700) or an empty one "
-                             "you own that nobody else may write; existing files are never "
+                             "DIR, a new directory (made with mode 0700) or one you own "
+                             "that nobody else may write; existing files are never "
                              "overwritten")
     parser.add_argument("--local", action="store_true",
                         help="stage in this process, without relaunchd (the daemon is used "
