@@ -12,10 +12,11 @@ directory holding it. What was checked is what gets opened.
 Each step opens one name with `openat2(dir_fd, name, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
 | RESOLVE_NO_MAGICLINKS)` (include/uapi/linux/openat2.h, Linux 5.6; Python has no
 wrapper, so it goes through syscall(2) with `struct open_how`); on a kernel without it
-(ENOSYS), `openat(dir_fd, name, O_NOFOLLOW)`, which refuses the same for a single name (it
-has no "/" to climb out with, and O_NOFOLLOW refuses a link). One openat2 of the whole path
-would not do: it returns no descriptor of the directories in between, which is where the
-ownership and mode checks have to run.
+(ENOSYS), or where a seccomp filter refuses it (EPERM, as container runtimes' default
+profiles did before they knew it), `openat(dir_fd, name, O_NOFOLLOW)`, which refuses the
+same for a single name (it has no "/" to climb out with, and O_NOFOLLOW refuses a link).
+One openat2 of the whole path would not do: it returns no descriptor of the directories
+in between, which is where the ownership and mode checks have to run.
 
 A symbolic link is refused unless the `Rules` allow following links, and then only a link
 no untrusted user can have put there is followed: owned by a trusted uid, in a directory
@@ -86,13 +87,14 @@ def openat2(dir_fd: int, name: str, flags: int, resolve: int, mode: int = 0) -> 
 
 def open_step(dir_fd: int, name: str, flags: int) -> int:
     """Open one name (no "/") in `dir_fd` without following a link, by openat2 where
-    the kernel has it, else by openat with O_NOFOLLOW."""
+    the kernel has it, else by openat with O_NOFOLLOW. (A genuine EPERM, e.g. O_NOATIME
+    on another's file, comes back from openat as well.)"""
     if not name or "/" in name or name in (".", ".."):
         raise ValueError(f"not a single path component: {name!r}")
     try:
         return openat2(dir_fd, name, flags | os.O_NOFOLLOW, STEP_RESOLVE)
     except OSError as exc:
-        if exc.errno != errno.ENOSYS:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM):
             raise
     return os.open(name, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
 

@@ -34,15 +34,18 @@ def open_fds() -> dict[str, str]:
     return fds
 
 
-@pytest.fixture(params=["openat2", "openat-fallback"])
+@pytest.fixture(params=["openat2", "ENOSYS", "EPERM"])
 def mode(request, monkeypatch) -> str:
-    """Every walk test runs twice: with openat2, and as on a kernel without it (ENOSYS),
-    where each step falls back to openat with O_NOFOLLOW."""
-    if request.param == "openat-fallback":
-        def enosys(dir_fd, name, flags, resolve, mode=0):
-            raise OSError(errno.ENOSYS, "Function not implemented")
+    """Every walk test runs three times: with openat2; as on a kernel without it
+    (ENOSYS); and as under a seccomp filter that refuses it (EPERM). Without it, each
+    step falls back to openat with O_NOFOLLOW."""
+    if request.param != "openat2":
+        err = getattr(errno, request.param)
 
-        monkeypatch.setattr(path_walk, "openat2", enosys)
+        def refused_syscall(dir_fd, name, flags, resolve, mode=0):
+            raise OSError(err, os.strerror(err))
+
+        monkeypatch.setattr(path_walk, "openat2", refused_syscall)
     return request.param
 
 
@@ -132,7 +135,7 @@ def test_each_step_refuses_a_link_swapped_in_after_the_check(tmp_path, mode, mon
             path_walk.open_step(top, "real/..", path_walk.DIRECTORY_FLAGS)
     finally:
         os.close(top)
-    assert calls == ["link", "flink", "real"]      # both modes try openat2 first
+    assert calls == ["link", "flink", "real"]      # every mode tries openat2 first
 
 
 # ---------------------------------------------------------------- the image policy
