@@ -332,6 +332,29 @@ def test_race_over_dbus_never_stages_the_other_image(images, keys, attacker, bus
     assert outcomes["allowed image"] >= RACE_ATTEMPTS // 8
 
 
+def test_addon_directories_follow_the_image_rules(images, keys):
+    """The per-UKI add-on directory is opened under the image's rules: one that holds
+    add-ons but is a link or writable by others stops staging, naming it; an empty one
+    that breaks the rules holds nothing the stub would take and is passed over."""
+    options = staging.StageOptions(trusted=load_certificates([str(keys["db"].cert)]),
+                                   policy=image_files.ImagePolicy((str(images),)),
+                                   root=SysRoot(str(images.parent)))
+    image = images / "signed.efi"
+    extra = images / "signed.efi.extra.d"
+    extra.mkdir(mode=0o775)
+    os.chmod(extra, 0o775)
+    staging.prepare(str(image), options).close()        # empty: nothing to take
+    (extra / "x.addon.efi").write_bytes(b"MZ")
+    with pytest.raises(InvalidImage, match=f"{extra}: is writable by non-root users"):
+        staging.prepare(str(image), options)
+    os.chmod(extra, 0o755)
+    real = images / "real.d"
+    extra.rename(real)
+    extra.symlink_to(real)
+    with pytest.raises(InvalidImage, match=f"{extra}: is a symbolic link"):
+        staging.prepare(str(image), options)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device", "symlink", "group-writable"])
 def test_unusable_files_are_refused_by_name_and_leave_no_memfd(images, keys, kind):
     options = staging.StageOptions(trusted=load_certificates([str(keys["db"].cert)]),
