@@ -114,7 +114,7 @@ def test_relaunch_through_the_segment_loader(staged_setup, vm_image, keys, tmp_p
     # Find our setup_data node and check it byte for byte, then parse it back.
     script = (
         "import glob,hashlib,json\n"
-        "from relaunchd import slrt\n"
+        "from relaunchd.formats import slrt\n"
         "for d in sorted(glob.glob('/sys/kernel/boot_params/setup_data/*')):\n"
         "    t = int(open(d + '/type').read(), 16)\n"
         f"    if t == {SLRT_SETUP_TYPE}:\n"
