@@ -165,10 +165,11 @@ def open_regular(path: str, *, follow_symlinks: bool = False) -> int:
     """A read-only descriptor of the regular file at `path` (the caller closes it).
     Links are followed only when root or the caller owns them and nobody else can change
     the directory holding them; the last component only with `follow_symlinks`. No
-    ownership rule otherwise: this only reads and reports."""
+    ownership rule otherwise: this only reads and reports, and walks with openat (not
+    openat2: the same refusals one name at a time, without loading ctypes)."""
     rules = path_walk.Rules(path_walk.trusted_uids(),
                             "trusted" if follow_symlinks else "trusted-not-last",
-                            check_directories=False, sticky_ok=True)
+                            check_directories=False, sticky_ok=True, openat2=False)
     with path_walk.walk(os.path.abspath(path), rules, InvalidImage,
                         path_walk.from_root) as resolved:
         fd, _ = path_walk.open_regular(resolved, None, InvalidImage)
