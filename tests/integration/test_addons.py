@@ -164,7 +164,7 @@ def test_addon_location_rules_are_the_images(real_ukis, keys, esp):
     (extra_d(image) / "link.addon.efi").unlink()
     writable = addon(keys, extra_d(image) / "w.addon.efi", [(".cmdline", b"x=1")])
     os.chmod(writable, 0o666)
-    with pytest.raises(InvalidImage, match="w.addon.efi is writable by non-root"):
+    with pytest.raises(InvalidImage, match="w.addon.efi: is writable by non-root"):
         staging.prepare(str(image), options(esp, keys))
 
 
@@ -236,11 +236,18 @@ def test_cli_reports_addons(real_ukis, keys, esp, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["addons"] == []
 
 
-def test_global_addons_default_to_the_image_mount_point():
-
-    assert addon_files.mount_point("/proc/cpuinfo") == "/proc"
-    assert addon_files.directories("/proc/cpuinfo", None) == [
-        ("global", "/proc/loader/addons"), ("per-UKI", "/proc/cpuinfo.extra.d")]
+def test_global_addons_default_to_the_image_mount_point(real_ukis, keys, esp):
+    """Without --boot-partition, the global directory is at the top of the file system
+    holding the file the image's walk ended at."""
+    assert addon_files.mount_point("/proc/sys") == "/proc"
+    image = modern_uki(real_ukis, keys, esp)
+    policy = image_files.ImagePolicy((str(esp),))
+    with image_files.open_allowed(str(image), policy) as opened:
+        assert addon_files.directories(opened, None) == [
+            ("global", os.path.join(addon_files.mount_point(str(esp)), "loader/addons")),
+            ("per-UKI", f"{image}.extra.d")]
+        assert addon_files.directories(opened, str(esp)) == [
+            ("global", f"{esp}/loader/addons"), ("per-UKI", f"{image}.extra.d")]
 
 
 def test_addon_cmdlines_join_as_the_stub_joins_them():

@@ -26,7 +26,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cert", action="append", default=[], metavar="FILE",
                         help="also check the signature against this certificate (PEM/DER)")
     parser.add_argument("--follow-symlinks", action="store_true",
-                        help="accept an IMAGE that is a symbolic link")
+                        help="accept an IMAGE that is itself a symbolic link (links are "
+                             "only followed when root or you own them, in a directory "
+                             "nobody else may write)")
     parser.set_defaults(func=run)
 
 
@@ -37,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
     banks = tuple(b for b in pcr11.BANKS if b in (args.banks or pcr11.BANKS))
     trusted = []
     if args.cert:
-
         trusted = trust_store.load_certificates(args.cert)
     results: list[dict] = []
     status = EXIT_OK

@@ -28,7 +28,10 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="build and verify everything but load nothing")
     parser.add_argument("--output", metavar="DIR",
-                        help="with --dry-run: write kernel, initrd, cmdline, plan.json here")
+                        help="with --dry-run: write kernel, initrd, cmdline, plan.json into "
+                             "DIR, a new directory (made with mode 0700) or one you own "
+                             "that nobody else may write; existing files are never "
+                             "overwritten")
     parser.add_argument("--local", action="store_true",
                         help="stage in this process, without relaunchd (the daemon is used "
                              "when reachable and no local-only option is given)")
@@ -57,7 +60,10 @@ def register(subparsers) -> None:
     parser.add_argument("--image-dir", action="append", default=[], metavar="DIR",
                         help="allowed image directory (repeatable; default: /boot, /efi, "
                              "/boot/efi, /usr/lib/kernel, /var/lib/relaunchd/images)")
-    parser.add_argument("--follow-symlinks", action="store_true")
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="follow symbolic links below the allowed directory, but only "
+                             "links root owns in directories only root can write, leading "
+                             "beneath an allowed directory (refused otherwise)")
     parser.add_argument("--no-addons", action="store_true",
                         help="ignore add-ons (*.addon.efi in loader/addons/ and "
                              "IMAGE.extra.d/), which are otherwise applied as systemd-stub "

@@ -19,7 +19,9 @@ def register(subparsers) -> None:
                         help="trusted certificate, PEM or DER (repeatable)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--follow-symlinks", action="store_true",
-                        help="accept an IMAGE that is a symbolic link")
+                        help="accept an IMAGE that is itself a symbolic link (links are "
+                             "only followed when root or you own them, in a directory "
+                             "nobody else may write)")
     parser.set_defaults(func=run)
 
 

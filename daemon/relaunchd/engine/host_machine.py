@@ -19,6 +19,7 @@ from typing import Any
 
 from relaunchd.engine.machine import BootFacts, Progress
 from relaunchd.errors import InvalidArgument, InvalidImage, KexecFailed, RelaunchError
+from relaunchd.formats import uki
 from relaunchd.launch import assessment, staging
 from relaunchd.platform import image_files, inhibitors, quiesce, tpm, tpm_extend_log
 from relaunchd.platform.readiness import ProbeConfig
@@ -77,11 +78,25 @@ class HostMachine:
         return found
 
     def describe_image(self, path: str, policy: image_files.ImagePolicy) -> dict[str, Any]:
+        """Read through the descriptor `Stage` would use (`image_files.open_allowed`);
+        an image the policy refuses is still described (opened as `inspect` opens a
+        file), with the refusal as its `error`."""
         entry: dict[str, Any] = {"path": path}
+        refusal: str | None = None
         try:
-            st = os.stat(path, follow_symlinks=False)
-            entry.update(size=st.st_size, mtime=int(st.st_mtime))
-            with image_files.open_image(path) as image:
+            try:
+                fd = image_files.open_allowed(path, policy).fd   # the fd is ours now
+            except InvalidImage as exc:
+                refusal = str(exc)
+                fd = image_files.open_regular(path)
+            try:
+                st = os.fstat(fd)
+                entry.update(size=st.st_size, mtime=int(st.st_mtime))
+                image = uki.from_fd(fd, path, owns_fd=True)
+            except BaseException:
+                os.close(fd)
+                raise
+            with image:
                 resolved = image.resolve(None)
                 osrel = image.os_release(resolved)
                 entry.update(
@@ -89,9 +104,10 @@ class HostMachine:
                     uname=image.uname(resolved) or "",
                     signed=bool(image.headers.cert_table_size),
                     profiles=len(image.profiles))
-            image_files.check_location(path, policy)
         except (InvalidImage, InvalidArgument, OSError) as exc:
             entry["error"] = str(exc)
+        if refusal is not None:
+            entry["error"] = refusal
         return entry
 
     def inspect_image(self, path: str, *, profile: int | None, banks: Sequence[str],

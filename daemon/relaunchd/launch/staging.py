@@ -1,9 +1,10 @@
 """Staging: turn a UKI on disk into sealed kernel/initrd/cmdline ready for kexec.
 
 The order is the point (DESIGN "The relaunch, end to end", step 1):
-1. check where the file lives (allowed directory, nothing writable by
-   non-root below it), open it without following links;
-2. copy it once into a sealed memfd — from here on only that copy is used.
+1. open the file once, by descriptor, where the policy allows it (`image_files.open_allowed`:
+   walked from the allowed directory without symbolic links, every directory on the way
+   and the file root-owned and writable by nobody else, a regular file);
+2. copy that descriptor once into a sealed memfd — from here on only that copy is used.
    In the common shape (the initrd is `.initrd` followed by generated cpios)
    the `.initrd` payload goes straight into the initrd memfd instead, which is
    finished and sealed before anything is verified: one copy of 100 MB, not two;
@@ -48,7 +49,13 @@ from relaunchd.formats.image_report import ImageReport, inspect_image
 from relaunchd.formats.pe import FileRange
 from relaunchd.formats.x86 import boot_params
 from relaunchd.launch import registry
-from relaunchd.platform import addon_files, image_files, kexec_syscalls, sealed_memfd
+from relaunchd.platform import (
+    addon_files,
+    image_files,
+    kexec_syscalls,
+    output_dir,
+    sealed_memfd,
+)
 from relaunchd.platform.sysroot import SysRoot
 
 ID_ARGUMENT = "relaunchd.id"
@@ -165,10 +172,13 @@ def prepare(path: str, options: StageOptions,
     opened: list[SealedPart] = []
     found: list[addon_rules.Addon] = []
     try:
-        image_files.check_location(path, options.policy)
-        if options.addons:
-            found = addon_files.discover(path, options.policy, options.boot_partition)
-        image_blob, detached = _sealed_image(path, options, found)
+        # The one descriptor everything is read from; `path` stays the name the caller
+        # gave (StagedImage.source, plan.json).
+        with image_files.open_allowed(path, options.policy) as original:
+            if options.addons:
+                found = addon_files.discover(original, options.policy,
+                                             options.boot_partition)
+            image_blob, detached = _sealed_image(original, path, options, found)
         opened.append(image_blob)
         initrd_blob = None
         if detached is not None:
@@ -346,17 +356,17 @@ class _Preload:
         return self._trusted
 
 
-def _sealed_image(path: str, options: StageOptions, found: list[addon_rules.Addon],
+def _sealed_image(source: image_files.ImageFile, path: str, options: StageOptions,
+                  found: list[addon_rules.Addon],
                   ) -> tuple[SealedPart, pe.DetachedRange | None]:
-    """The sealed copy, and where its `.initrd` went instead when it was split off
-    (the image copy has a hole there; see `split_copy`)."""
-    # Only to refuse a non-UKI before copying it and to find `.initrd`; the sealed
-    # copy is what gets checked.
-    with image_files.open_image(path, follow_symlinks=options.policy.follow_symlinks,
-                        confirm=False) as original:
+    """The sealed copy of `source`, and where its `.initrd` went instead when it was
+    split off (the image copy has a hole there; see `split_copy`)."""
+    # Parsed only to refuse a non-UKI before copying it and to find `.initrd`; the
+    # sealed copy is what gets checked.
+    with uki.from_fd(source.fd, path, confirm=False) as original:
         split = _detachable_initrd(original, options.profile, found)
         fd, part = sealed_memfd.split_copy(original.fd, os.path.basename(path), original.size,
-                                     detach=split)
+                                           detach=split)
     detached = pe.DetachedRange(split[0], split[1], part) if part is not None else None
     return SealedPart("image", fd, os.fstat(fd).st_size, ""), detached
 
@@ -522,30 +532,30 @@ def loaded(root: SysRoot) -> bool | None:
 
 def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
     """`--dry-run --output DIR`: kernel, initrd, cmdline, plan.json, and for the
-    segment loader slrt.bin and bootparams.bin."""
-    os.makedirs(directory, exist_ok=True)
-    written = []
+    segment loader slrt.bin and bootparams.bin. DIR and every file are opened as
+    `output_dir` says (a directory of the caller's, O_EXCL | O_NOFOLLOW, all or
+    nothing); the kernel and initrd are copied from their sealed memfds in the kernel."""
+    files: list[tuple[str, output_dir.Writer]] = []
     for blob in (staged.kernel, staged.initrd):
-        if blob is None:
-            continue
-        target = os.path.join(directory, blob.name)
-        with open(target, "wb") as out:
-            sealed_memfd.copy_range(blob.fd, 0, blob.size, out.fileno())
-        written.append(target)
-    target = os.path.join(directory, "cmdline")
-    with open(target, "wb") as out:
-        out.write(staged.cmdline.nul_terminated)
-    written.append(target)
+        if blob is not None:
+            files.append((blob.name, _copy_of(blob)))
+    files.append(("cmdline", _bytes_of(staged.cmdline.nul_terminated)))
     if staged.segment_plan is not None:
-        for name, data in (("slrt.bin", staged.slrt), ("bootparams.bin",
-                                                       staged.segment_plan.zero_page)):
-            target = os.path.join(directory, name)
-            with open(target, "wb") as out:
-                out.write(data)
-            written.append(target)
-    target = os.path.join(directory, "plan.json")
-    with open(target, "w") as out:
-        json.dump(staged.plan(), out, indent=2)
-        out.write("\n")
-    written.append(target)
-    return written
+        files.append(("slrt.bin", _bytes_of(staged.slrt or b"")))
+        files.append(("bootparams.bin", _bytes_of(staged.segment_plan.zero_page)))
+    plan = (json.dumps(staged.plan(), indent=2) + "\n").encode()
+    files.append(("plan.json", _bytes_of(plan)))
+    with output_dir.open_output_directory(directory) as out:
+        return out.write_all(files)
+
+
+def _copy_of(blob: SealedPart) -> output_dir.Writer:
+    return lambda fd: sealed_memfd.copy_range(blob.fd, 0, blob.size, fd)
+
+
+def _bytes_of(data: bytes) -> output_dir.Writer:
+    def write(fd: int) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    return write

@@ -4,17 +4,23 @@
 Where the stub looks (uki.md §1.5, systemd stub.c load_all_addons): on the partition the UKI
 was loaded from, first in `\\loader\\addons\\`, then in `<UKI path>.extra.d\\`; each
 directory sorted by name; dot-files, directories, non-ASCII names, names over 255 characters and
-names not ending in `.addon.efi` (any case) are passed over. Each add-on must pass the image's
-location rules and is read through its own sealed memfd copy.
+names not ending in `.addon.efi` (any case) are passed over.
+
+Both directories are opened under the image's `ImagePolicy` (`image_files`: beneath an
+allowed directory, walked by descriptor, root-owned, writable by nobody else) and listed
+through that descriptor; each add-on is opened relative to it under the same rules and read
+through its own sealed memfd copy. The per-UKI directory sits beside the file the image's
+walk ended at; the partition is the one holding that file.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 
 from relaunchd.errors import InvalidImage
 from relaunchd.formats.addons import Addon
-from relaunchd.platform import image_files, sealed_memfd
+from relaunchd.platform import image_files, path_walk, sealed_memfd
 
 GLOBAL_DIR = "loader/addons"
 PER_UKI_SUFFIX = ".extra.d"
@@ -23,17 +29,34 @@ NAME_MAX = 255
 MAX_ADDONS = 128                   # per directory; far beyond any real setup
 
 
-def directories(image_path: str, boot_partition: str | None) -> list[tuple[str, str]]:
+def directories(image: image_files.ImageFile,
+                boot_partition: str | None) -> list[tuple[str, str]]:
     """(scope, directory) in the stub's order. `boot_partition` is the root of the
     partition the UKI is booted from; None: the mount point holding the image."""
-    real = os.path.realpath(image_path)
-    root = boot_partition if boot_partition is not None else mount_point(real)
-    return [("global", os.path.join(root, GLOBAL_DIR)), ("per-UKI", real + PER_UKI_SUFFIX)]
+    root = boot_partition if boot_partition is not None else partition_root(image)
+    return [("global", os.path.join(root, GLOBAL_DIR)),
+            ("per-UKI", image.resolved + PER_UKI_SUFFIX)]
 
 
-def mount_point(path: str) -> str:
-    """The top of the file system holding `path` (where st_dev changes going up)."""
-    current = os.path.dirname(path)
+def partition_root(image: image_files.ImageFile) -> str:
+    """The top of the file system holding the image: among the directories its walk
+    went through, the highest on the image's device; above the allowed directory
+    (trusted as configured), where st_dev changes going up from it."""
+    top = None
+    for step in reversed(image.directories):
+        if step.st.st_dev != image.st.st_dev:
+            break
+        top = step.path
+    if top is None:
+        return image.directories[-1].path   # the file is a mount point of its own
+    if top != image.directories[0].path:
+        return top
+    return mount_point(os.path.realpath(top))
+
+
+def mount_point(directory: str) -> str:
+    """The top of the file system holding `directory` (where st_dev changes going up)."""
+    current = directory
     try:
         dev = os.stat(current).st_dev
         while current != "/":
@@ -42,40 +65,52 @@ def mount_point(path: str) -> str:
                 break
             current = parent
     except OSError as exc:
-        raise InvalidImage(f"{path}: cannot find its file system's root: {exc.strerror}"
-                           ) from None
+        raise InvalidImage(f"{directory}: cannot find its file system's root: "
+                           f"{exc.strerror}") from None
     return current
 
 
-def candidates(directory: str) -> list[str]:
-    """The entries of one add-on directory the stub would try, sorted as it sorts."""
+def candidates(directory: image_files.ImageDirectory) -> list[str]:
+    """The names in one add-on directory the stub would try, sorted as it sorts."""
     try:
-        entries = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+        entries = os.listdir(directory.fd)
     except OSError as exc:
-        raise InvalidImage(f"{directory}: cannot list add-ons: {exc.strerror}") from None
+        raise InvalidImage(f"{directory.path}: cannot list add-ons: {exc.strerror}") from None
     names = sorted(
         n for n in entries
         if not n.startswith(".") and n.isascii() and len(n) <= NAME_MAX
-        and n.lower().endswith(SUFFIX) and not os.path.isdir(os.path.join(directory, n)))
+        and n.lower().endswith(SUFFIX) and not _is_directory(directory, n))
     if len(names) > MAX_ADDONS:
-        raise InvalidImage(f"{directory}: {len(names)} add-ons; at most {MAX_ADDONS} are "
-                           "taken")
+        raise InvalidImage(f"{directory.path}: {len(names)} add-ons; at most {MAX_ADDONS} "
+                           "are taken")
     # strcmp16 on ASCII names orders as Python's code-point sort does.
-    return [os.path.join(directory, n) for n in names]
+    return names
 
 
-def discover(image_path: str, policy: image_files.ImagePolicy,
+def _is_directory(directory: image_files.ImageDirectory, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=directory.fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return True      # gone since the listing: nothing to take
+    except OSError as exc:
+        raise InvalidImage(f"{os.path.join(directory.path, name)}: cannot be checked: "
+                           f"{exc.strerror}") from None
+
+
+def discover(image: image_files.ImageFile, policy: image_files.ImagePolicy,
              boot_partition: str | None = None) -> list[Addon]:
     """Every add-on file the stub would try for this UKI, each copied into a sealed
     memfd and its headers parsed. A file that cannot be read safely (location,
     symlink, not a PE for this machine) is an error naming it."""
     found: list[Addon] = []
     try:
-        for scope, directory in directories(image_path, boot_partition):
-            for path in candidates(directory):
-                found.append(_load(path, scope, policy))
+        for scope, path in directories(image, boot_partition):
+            directory = _open_directory(path, policy)
+            if directory is None:
+                continue
+            with directory:
+                for name in candidates(directory):
+                    found.append(_load(directory, name, scope, policy))
     except BaseException:
         for addon in found:
             addon.close()
@@ -83,15 +118,48 @@ def discover(image_path: str, policy: image_files.ImagePolicy,
     return found
 
 
-def _load(path: str, scope: str, policy: image_files.ImagePolicy) -> Addon:
-    image_files.check_location(path, policy)
-    src = image_files.open_regular(path, follow_symlinks=policy.follow_symlinks)
+def _open_directory(path: str, policy: image_files.ImagePolicy,
+                    ) -> image_files.ImageDirectory | None:
+    """An add-on directory under the image policy; None when it does not exist or holds
+    nothing the stub would take. One that holds add-ons but is refused by the policy is
+    an error: the stub would read them."""
     try:
-        fd = sealed_memfd.sealed_copy(src, f"addon:{os.path.basename(path)}")
-    finally:
-        os.close(src)
+        return image_files.open_allowed_directory(path, policy)
+    except InvalidImage:
+        try:
+            # Only names, to decide whether the refusal matters; nothing is opened.
+            names = os.listdir(path)
+        except OSError:
+            return None
+        if any(n.lower().endswith(SUFFIX) and not n.startswith(".") for n in names):
+            raise
+        return None
+
+
+def _load(directory: image_files.ImageDirectory, name: str, scope: str,
+          policy: image_files.ImagePolicy) -> Addon:
+    path = os.path.join(directory.resolved, name)
+    with _open_addon(directory, name, path, policy) as src:
+        fd = sealed_memfd.sealed_copy(src.fd, f"addon:{name}", src.st.st_size)
     try:
         return Addon.from_fd(fd, path, scope)
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_addon(directory: image_files.ImageDirectory, name: str, path: str,
+                policy: image_files.ImagePolicy) -> image_files.ImageFile:
+    """The add-on `name`, opened relative to its listed directory's descriptor; a
+    link there is walked again from its allowed directory when the policy follows
+    links (and refused by name when it does not)."""
+    try:
+        st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+    except OSError as exc:
+        raise InvalidImage(f"{path}: cannot be checked: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode) and policy.follow_symlinks:
+        return image_files.open_allowed(path, policy)
+    # Borrows the directory's descriptor (not closed here: `discover` closes it).
+    entry = path_walk.Resolved(path, path, directory.fd, name, st, ())
+    fd, opened = path_walk.open_regular(entry, image_files.ROOT_ONLY, InvalidImage)
+    return image_files.ImageFile(path, path, fd, opened, ())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relaunchd.errors import InvalidImage
-from relaunchd.platform import addon_files, sealed_memfd
+from relaunchd.platform import addon_files, image_files, sealed_memfd
 from relaunchd.platform.image_files import ImagePolicy
 from support import ukibuild
 
@@ -38,11 +38,21 @@ def memfds() -> list[str]:
     return out
 
 
+def opened(root: Path, path: Path) -> image_files.ImageFile:
+    """The image as staging opens it: once, by descriptor, under the policy."""
+    return image_files.open_allowed(str(path), ImagePolicy((str(root),)))
+
+
+def listed(path: Path) -> image_files.ImageDirectory | None:
+    return image_files.open_allowed_directory(str(path), ImagePolicy((str(path.parent),)))
+
+
 def test_the_directories_in_the_stubs_order(tmp_path):
     root = esp(tmp_path)
     uki = root / "EFI/Linux/uki.efi"
-    assert addon_files.directories(str(uki), str(root)) == [
-        ("global", str(root / "loader/addons")), ("per-UKI", f"{uki}.extra.d")]
+    with opened(root, uki) as image:
+        assert addon_files.directories(image, str(root)) == [
+            ("global", str(root / "loader/addons")), ("per-UKI", f"{uki}.extra.d")]
 
 
 def test_without_a_boot_partition_the_mount_point_holding_the_image(tmp_path):
@@ -58,8 +68,12 @@ def test_without_a_boot_partition_the_mount_point_holding_the_image(tmp_path):
         assert expected.startswith(found.rstrip("/") + "/")
     else:
         assert found == expected
-    assert addon_files.directories(str(uki), None)[0] == (
-        "global", os.path.join(found, "loader/addons"))
+    with opened(root, uki) as image:
+        # Below the allowed directory (root here) the walk's own descriptors mark the
+        # file system; from the allowed directory up, st_dev changes as for mount_point.
+        assert addon_files.partition_root(image) == found
+        assert addon_files.directories(image, None)[0] == (
+            "global", os.path.join(found, "loader/addons"))
 
 
 def test_which_entries_the_stub_tries_and_their_order(tmp_path):
@@ -69,12 +83,11 @@ def test_which_entries_the_stub_tries_and_their_order(tmp_path):
                  "x.efi", "x.addon.efi.bak", "caf\u00e9.addon.efi"):
         (d / name).write_bytes(b"MZ")
     (d / "dir.addon.efi").mkdir()
-    names = [os.path.basename(p) for p in addon_files.candidates(str(d))]
+    with listed(d) as directory:
+        names = addon_files.candidates(directory)
     # strcmp16 on ASCII: upper case before lower case
     assert names == ["A.ADDON.EFI", "a.addon.efi", "b.addon.efi"]
-    assert addon_files.candidates(str(tmp_path / "missing")) == []
-    (tmp_path / "file").write_bytes(b"")
-    assert addon_files.candidates(str(tmp_path / "file")) == []
+    assert listed(tmp_path / "missing") is None
 
 
 def test_too_many_addons_are_refused(tmp_path):
@@ -82,8 +95,9 @@ def test_too_many_addons_are_refused(tmp_path):
     d.mkdir()
     for i in range(addon_files.MAX_ADDONS + 1):
         (d / f"{i:04d}.addon.efi").write_bytes(b"")
-    with pytest.raises(InvalidImage, match=f"at most {addon_files.MAX_ADDONS}"):
-        addon_files.candidates(str(d))
+    with listed(d) as directory, \
+            pytest.raises(InvalidImage, match=f"at most {addon_files.MAX_ADDONS}"):
+        addon_files.candidates(directory)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +112,8 @@ def test_discover_copies_each_addon_into_a_sealed_memfd(tmp_path, addon_image):
     per = root / "EFI/Linux/uki.efi.extra.d"
     per.mkdir(mode=0o755)
     (per / "p.addon.efi").write_bytes(addon_image)
-    found = addon_files.discover(str(root / "EFI/Linux/uki.efi"), ImagePolicy((str(root),)),
-                                 str(root))
+    with opened(root, root / "EFI/Linux/uki.efi") as image:
+        found = addon_files.discover(image, ImagePolicy((str(root),)), str(root))
     try:
         assert [(os.path.basename(a.path), a.scope) for a in found] == [
             ("g.addon.efi", "global"), ("p.addon.efi", "per-UKI")]
@@ -128,8 +142,8 @@ def test_an_addon_that_cannot_be_read_safely_is_named_and_nothing_stays_open(
         os.chmod(addons, 0o777)
     else:
         bad.symlink_to(addons / "a.addon.efi")
-    with pytest.raises(InvalidImage, match="b.addon.efi" if problem != "writable directory"
-                       else "writable by non-root"):
-        addon_files.discover(str(root / "EFI/Linux/uki.efi"), ImagePolicy((str(root),)),
-                             str(root))
+    with opened(root, root / "EFI/Linux/uki.efi") as image, \
+            pytest.raises(InvalidImage, match="b.addon.efi" if problem != "writable directory"
+                          else "writable by non-root"):
+        addon_files.discover(image, ImagePolicy((str(root),)), str(root))
     assert memfds() == []
