@@ -63,7 +63,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
                                                 "defaults",))
         reader = _Reader(loader, source)
         values = reader.section(node, Config, "")
-        config = Config(**values, source=source)
+        config = Config(**values, source=source, key_lines=dict(reader.lines))
         reader.cross_checks(config)
         return config
     finally:
@@ -200,6 +200,8 @@ class _Reader:
                 raise self.error(path, node, f"expected {self.expected(hint)}, got "
                                              f"{self.describe(node)}")
             item = typing.get_args(hint)[0]
+            for i, n in enumerate(node.value):
+                self.lines[f"{path}[{i}]"] = n.start_mark.line + 1
             return tuple(self.value(n, item, f"{path}[{i}]") for i, n in enumerate(node.value))
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(path, node, f"expected {self.expected(hint)}, got "
