@@ -29,9 +29,9 @@ REBOOT_CPU = "/sys/kernel/reboot/cpu"
 PCI_DEVICES = "/sys/bus/pci/devices"
 PCI_DRIVERS = "/sys/bus/pci/drivers"
 
-PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-FULL_PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-DRIVER_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$", re.ASCII)
+FULL_PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$", re.ASCII)
+DRIVER_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$", re.ASCII)
 PCI_CLASS = re.compile(r"^(?:0x)?((?:[0-9a-f]{2}){1,3})$")
 CPU_NAME = re.compile(r"^cpu([0-9]+)$")
 TPM_NODE = re.compile(r"^/dev/tpm(?:rm)?[0-9]+$")
@@ -108,16 +108,16 @@ class QuiescePlan:
                 raise InvalidArgument(f"quiesce plan version {d.get('version')!r} "
                                       f"(expected {PLAN_VERSION})")
             plan = cls(
-                reboot_cpu=int(d["reboot_cpu"]),
-                offline_cpus=tuple(int(c) for c in d["offline_cpus"]),
-                kept_cpus=tuple(KeptCpu(int(k["cpu"]), str(k["reason"]))
+                reboot_cpu=_int(d["reboot_cpu"]),
+                offline_cpus=tuple(_int(c) for c in d["offline_cpus"]),
+                kept_cpus=tuple(KeptCpu(_int(k["cpu"]), str(k["reason"]))
                                 for k in d["kept_cpus"]),
                 devices=tuple(PlannedDevice(str(x["address"]), str(x["driver"]),
                                             str(x["pci_class"]),
                                             tuple(str(s) for s in _list(x["selectors"])),
                                             tuple(str(n) for n in _list(x["nodes"])))
                               for x in d["devices"]),
-                holders=tuple(Holder(int(h["pid"]), str(h["comm"]), str(h["path"]))
+                holders=tuple(Holder(_int(h["pid"]), str(h["comm"]), str(h["path"]))
                               for h in d["holders"]),
                 notes=tuple(str(n) for n in d.get("notes", ())),
             )
@@ -134,6 +134,13 @@ class QuiescePlan:
         return plan
 
 
+def _int(value: Any) -> int:
+    """A JSON integer only: int() would also take "٣" (3) or true (1)."""
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, not {value!r}")
+    return value
+
+
 def _list(value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise TypeError(f"expected a list, not {type(value).__name__}")
@@ -141,13 +148,14 @@ def _list(value: Any) -> list[Any]:
 
 
 def check_address(address: str) -> str:
-    if not FULL_PCI_ADDRESS.match(address):
+    # fullmatch: `$` would also match before a trailing newline
+    if not FULL_PCI_ADDRESS.fullmatch(address):
         raise InvalidArgument(f"not a PCI address: {address!r}")
     return address
 
 
 def check_driver(driver: str) -> str:
-    if not DRIVER_NAME.match(driver) or driver in (".", ".."):
+    if not DRIVER_NAME.fullmatch(driver) or driver in (".", ".."):
         raise InvalidArgument(f"not a driver name: {driver!r}")
     return driver
 
