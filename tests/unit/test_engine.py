@@ -161,7 +161,8 @@ def test_stage_to_staged(env):
     image = engine.staged_image
     assert image == {"id": relaunch_id, "path": env.image, "method": "kexec", "loader": "file",
                      "kernel_sha256": "11" * 32, "initrd_sha256": "22" * 32,
-                     "cmdline": "console=ttyS0", "staged_at": image["staged_at"]}
+                     "cmdline": "console=ttyS0", "staged_at": image["staged_at"],
+                     "quiesce": image["quiesce"]}
     record = json.loads(env.staged_json.read_text())
     assert record["id"] == relaunch_id and record["kernel_sha256"] == "11" * 32
     assert record["predictions"]["pcr11"] == {"sha256": "33" * 32}

@@ -355,4 +355,4 @@ def _staged_json(record: state.StagedRecord | None) -> dict:
     return {"id": record.id, "path": record.path, "method": record.method,
             "loader": record.loader, "kernel_sha256": record.kernel_sha256,
             "initrd_sha256": record.initrd_sha256 or "", "cmdline": record.cmdline,
-            "staged_at": record.staged_at}
+            "staged_at": record.staged_at, "quiesce": copy.deepcopy(record.quiesce)}
