@@ -113,7 +113,7 @@ class JournalReporter:
         self.state = state
         staged = self.engine.staged_image or {}
         fields = {"RELAUNCHD_STATE": state}
-        if staged.get("id"):
+        if staged.get("id") and state != "staging":   # staging: the image staged before
             fields["RELAUNCH_ID"] = str(staged["id"])
         if state == "staging":
             self._log(logging.INFO, "staging", "staging an image", fields)

@@ -6,7 +6,9 @@ the hand-off only writes a marker: nothing here can load a kernel, offline a CPU
 start kexec.target on the host.
 
 Environment: FAKE_LOAD_DELAY (s, default 0) slows the load so a test can kill the
-daemon mid-staging; FAKE_HANDOFF_STOPS_US=1 makes the hand-off SIGTERM the daemon before
+daemon mid-staging; FAKE_LOAD_FAILS_FOR=TEXT makes the load of an image whose path contains
+TEXT fail as the kernel's would (nothing changes: what was loaded stays);
+FAKE_HANDOFF_STOPS_US=1 makes the hand-off SIGTERM the daemon before
 it returns, as the real shutdown does.
 """
 
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 from relaunchd.engine.host_machine import HostMachine
+from relaunchd.errors import KexecFailed
 from relaunchd.platform import quiesce
 
 
@@ -33,6 +36,9 @@ class HostMachineWithoutSideEffects(HostMachine):
 
     def load(self, staged) -> None:
         time.sleep(float(os.environ.get("FAKE_LOAD_DELAY", "0")))
+        fails_for = os.environ.get("FAKE_LOAD_FAILS_FOR")
+        if fails_for and fails_for in staged.source:
+            raise KexecFailed("kexec_file_load failed: Cannot allocate memory (fake)")
         self.flag.write_text("1")
 
     def unload(self) -> None:
