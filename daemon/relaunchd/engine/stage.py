@@ -17,7 +17,9 @@ loaded again from its sealed memfds (kept open while staged) when the new one ha
 replaced it. State is `staged` again, with LastError (`id` of the failed stage, `kept`)
 and a `stage-failed` history entry saying so. Only when the old image cannot be loaded
 again — its memfds are gone after a daemon restart, or the reload fails — is it lost:
-nothing is left loaded, state `failed`, LastError `lost`.
+nothing is left loaded, state `failed`, LastError `lost`. From the load until one image
+is recorded again staged.json is absent, so a daemon killed then restarts with nothing
+staged (reconcile unloads the unrecorded image) rather than with a record of the wrong one.
 """
 
 from __future__ import annotations
@@ -155,6 +157,12 @@ class Stager:
                                          quiesce=plan_summary(plan))
             self._check_cancel()
             engine.set_progress("loading", 0, 1, force=True)
+            if previous is not None:
+                # From the load on, the kernel may hold the new image while staged.json
+                # names the old one: a daemon killed in between must not find them
+                # agreeing. Without a record, reconcile unloads whatever is loaded; the
+                # old record is written again when the old image stays (_keep_previous).
+                engine.store.clear_staged()
             try:
                 engine.machine.load(staged)
                 new_loaded = True

@@ -228,3 +228,19 @@ def test_relaunch_into_the_kept_image_after_a_failed_replacement(env, staged_a):
     env.machine.fail_prepare_for[b_path] = VerificationFailed("b.efi: untrusted signer")
     fail_b(env, engine, b_path)
     assert engine.relaunch() == a
+
+
+def test_no_record_names_the_old_image_while_the_kernel_may_hold_the_new_one(env, staged_a):
+    """A daemon killed during the load must not restart believing the old image is loaded
+    when the kernel may hold the new one: from the load on, staged.json is absent (and
+    reconcile unloads an unrecorded image), until one of them is recorded again."""
+    engine, a, a_path = staged_a
+    env.machine.release_load.clear()
+    env.machine.in_load.clear()
+    b = engine.stage(env.image("b.efi"))
+    assert env.machine.in_load.wait(5)
+    assert not env.staged_json.exists()
+    assert engine.staged_image["id"] == a          # still what is shown meanwhile
+    env.machine.release_load.set()
+    assert engine.wait(5) == "staged"
+    assert json.loads(env.staged_json.read_text())["id"] == b
