@@ -87,6 +87,16 @@ def load_config(path: str) -> Any:
     return load(path)
 
 
+def _check_references(config: Any) -> None:
+    """`--check-config`: the trust files the configuration names exist and parse (the
+    test engines' configurations carry no trust section)."""
+    from relaunchd.engine.config import Config
+    from relaunchd.engine.config_check import check_references
+
+    if isinstance(config, Config):
+        check_references(config)
+
+
 class JournalReporter:
     """Turns engine state changes into structured journal records and sd_notify STATUS."""
 
@@ -103,7 +113,7 @@ class JournalReporter:
         self.state = state
         staged = self.engine.staged_image or {}
         fields = {"RELAUNCHD_STATE": state}
-        if staged.get("id"):
+        if staged.get("id") and state != "staging":   # staging: the image staged before
             fields["RELAUNCH_ID"] = str(staged["id"])
         if state == "staging":
             self._log(logging.INFO, "staging", "staging an image", fields)
@@ -211,6 +221,8 @@ def main(argv: list[str] | None = None, *, make_engine: EngineFactory = build_en
     _setup_logging(args.verbose)
     try:
         config = load(args.config)
+        if args.check_config:
+            _check_references(config)
     except RelaunchError as exc:
         print(f"relaunchd: {exc.name}: {exc}", file=sys.stderr)
         _notify(f"STATUS={exc.name}: {exc}")

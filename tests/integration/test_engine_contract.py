@@ -37,10 +37,11 @@ from support.fakes import FakeMachine, make_report
 from support.machine_contract import IMAGE_ENTRY_KEYS
 
 STAGED_KEYS = {"id", "path", "method", "loader", "kernel_sha256", "initrd_sha256", "cmdline",
-               "staged_at"}
+               "staged_at", "quiesce"}
 PROGRESS_KEYS = {"step", "done", "total", "percent"}
 HISTORY_KEYS = {"time", "event", "id", "detail"}
 ERROR_KEYS = {"name", "message", "time"}
+STAGE_ERROR_KEYS = ERROR_KEYS | {"id"}      # a failed stage names its relaunch id
 CHECK_KEYS = {"root", "best", "methods", "facts", "method", "ready"}
 REHEARSAL_KEYS = {"ok", "quiesced_ok", "restored_ok", "mismatches", "executed", "rollback"}
 
@@ -255,7 +256,8 @@ def test_a_failed_stage(subject):
     ident = engine.stage(str(subject.images / name))
     assert engine.wait(30) == "failed"
     error = engine.last_error
-    assert set(error) == ERROR_KEYS and error["name"] == "VerificationFailed"
+    assert set(error) == STAGE_ERROR_KEYS and error["name"] == "VerificationFailed"
+    assert error["id"] == ident
     datetime.datetime.fromisoformat(error["time"])
     assert engine.staged_image == {} and engine.can_relaunch == "no"
     assert_history(engine.history(), ["stage-failed"])

@@ -237,11 +237,15 @@ class Engine:
             staged = {"id": ident, "path": path, "method": method, "loader": loader,
                       "kernel_sha256": digest.hexdigest(), "initrd_sha256": "",
                       "cmdline": " ".join([*append, f"relaunchd.id={ident}"]),
-                      "staged_at": records.now()}
+                      "staged_at": records.now(),
+                      # as the real one: the quiesce plan's summary (this engine plans none)
+                      "quiesce": {"offline_cpus": [], "devices": [], "holders": [],
+                                  "kept_cpus": [], "notes": [], "uninspected": 0}}
             self._set(state="staged", staged=staged, progress=progress_of("staged", 1, 1, 100))
             self._record("staged", ident, {"path": path, "method": method})
         except RelaunchError as exc:
-            self._set(state="failed", progress=idle(), last_error=error_json(exc))
+            self._set(state="failed", progress=idle(),
+                      last_error={**error_json(exc), "id": ident})
             self._record("stage-failed", ident,
                          {"path": path, "error": exc.name, "message": str(exc)})
 

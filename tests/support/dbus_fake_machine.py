@@ -14,8 +14,10 @@ The flag and hand-off files live in the runtime directory, so a daemon restarted
 same test finds what the one before it loaded (as the kernel would keep it).
 
 Environment, for the daemon process (`from_config`): FAKE_LOAD_DELAY (s, default 0) slows
-the load so a test can kill the daemon mid-staging; FAKE_HANDOFF_STOPS_US=1 makes the
-hand-off SIGTERM the daemon before it returns, as the real shutdown does.
+the load so a test can kill the daemon mid-staging; FAKE_LOAD_FAILS_FOR=TEXT makes the load
+of an image whose path contains TEXT fail as the kernel's would (nothing changes: what was
+loaded stays); FAKE_HANDOFF_STOPS_US=1 makes the hand-off SIGTERM the daemon before it
+returns, as the real shutdown does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from relaunchd.engine.host_machine import HostMachine
 from relaunchd.engine.machine import Progress
+from relaunchd.errors import KexecFailed
 from relaunchd.platform import quiesce, sealed_memfd
 from relaunchd.platform.probe_config import ProbeConfig
 from relaunchd.platform.sysroot import SysRoot
@@ -37,12 +40,14 @@ ProgressHook = Callable[[Progress], Progress]
 
 class HostMachineWithoutSideEffects(HostMachine):
     def __init__(self, root: str, runtime_dir: str, *, probe_config: ProbeConfig | None = None,
-                 load_delay: float = 0.0, handoff_stops_us: bool = False) -> None:
+                 load_delay: float = 0.0, handoff_stops_us: bool = False,
+                 load_fails_for: str | None = None) -> None:
         super().__init__(SysRoot(root), probe_config or ProbeConfig(root=root))
         self.flag = Path(runtime_dir) / "fake-kexec-loaded"
         self.handoffs = Path(runtime_dir) / "fake-handoffs"
         self.load_delay = load_delay
         self.handoff_stops_us = handoff_stops_us
+        self.load_fails_for = load_fails_for
         self.loads: list = []                  # the staged images load() was given, in order
         # Wraps staging's progress callback (a test's pause point inside real staging).
         self.progress_hook: ProgressHook | None = None
@@ -53,7 +58,8 @@ class HostMachineWithoutSideEffects(HostMachine):
         from the environment."""
         return cls(config.root, config.runtime_dir, probe_config=config.probe_config(),
                    load_delay=float(os.environ.get("FAKE_LOAD_DELAY", "0")),
-                   handoff_stops_us=bool(os.environ.get("FAKE_HANDOFF_STOPS_US")))
+                   handoff_stops_us=bool(os.environ.get("FAKE_HANDOFF_STOPS_US")),
+                   load_fails_for=os.environ.get("FAKE_LOAD_FAILS_FOR") or None)
 
     def kexec_loaded(self) -> bool | None:
         return self.flag.exists() and self.flag.read_text() == "1"
@@ -67,6 +73,8 @@ class HostMachineWithoutSideEffects(HostMachine):
         # What the kernel would be handed: sealed memfds, still open.
         assert sealed_memfd.is_sealed(staged.kernel.fd), "load() of an unsealed kernel"
         time.sleep(self.load_delay)
+        if self.load_fails_for and self.load_fails_for in staged.source:
+            raise KexecFailed("kexec_file_load failed: Cannot allocate memory (fake)")
         self.loads.append(staged)
         self.flag.write_text("1")
 

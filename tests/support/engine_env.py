@@ -111,3 +111,43 @@ def new_boot(env: Env) -> None:
     for path in Path(env.config.runtime_dir).iterdir():
         path.unlink()
     env.machine.loaded = False
+
+
+# An engine environment with several named images (tests/unit/engine/test_stage_replace.py,
+# test_staged_quiesce_summary.py): images made on demand by name.
+@dataclass
+class EngineEnv:
+    config: Config
+    machine: FakeMachine
+    notes: Recorder
+    images: Path
+
+    @classmethod
+    def create(cls, tmp: Path, cert: str, machine: FakeMachine | None = None) -> EngineEnv:
+        images = tmp / "images"
+        images.mkdir(mode=0o755)
+        images.chmod(0o755)
+        (tmp / "platform").mkdir()
+        config = Config(root=str(tmp / "platform"), state_dir=str(tmp / "state"),
+                        runtime_dir=str(tmp / "run"), image_dirs=(str(images),),
+                        trust=TrustConfig(certificates=(cert,)))
+        return cls(config, machine or FakeMachine(), Recorder(), images)
+
+    def image(self, name: str) -> str:
+        """An image file the fake machine stages (it never parses it)."""
+        path = self.images / name
+        path.write_bytes(b"MZ not really a UKI; the fake machine never parses it")
+        return str(path)
+
+    def engine(self) -> Engine:
+        engine = Engine(self.config, self.machine, notify=self.notes)
+        self.notes.engine = engine
+        return engine
+
+    @property
+    def staged_json(self) -> Path:
+        return Path(self.config.runtime_dir) / state.STAGED
+
+    @property
+    def quiesce_plan_json(self) -> Path:
+        return Path(self.config.runtime_dir) / state.QUIESCE_PLAN

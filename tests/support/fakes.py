@@ -92,6 +92,13 @@ class FakeMachine:
         self.options: list[Any] = []
         self.fail_prepare: BaseException | None = None
         self.fail_load: BaseException | None = None
+        # Per image (by path): replacing a staged image fails for the new one only.
+        self.fail_prepare_for: dict[str, BaseException] = {}
+        self.fail_load_for: dict[str, BaseException] = {}
+        self.unloaded_after_load_for: set[str] = set()
+        self.fail_digests: BaseException | None = None
+        self.fail_quiesce_plan: BaseException | None = None
+        self.loaded_source: str | None = None     # the path of the image loaded now
         self.fail_unload: BaseException | None = None
         self.fail_handoff: BaseException | None = None
         self.load_leaves_unloaded = False
@@ -147,6 +154,8 @@ class FakeMachine:
             progress("verifying", 1, 2)          # the engine's chance to cancel
         if self.fail_prepare is not None:
             raise self.fail_prepare
+        if path in self.fail_prepare_for:
+            raise self.fail_prepare_for[path]
         staged = FakeStaged(options.relaunch_id, path, options.method,
                             options.effective_loader)
         self.staged.append(staged)
@@ -158,13 +167,20 @@ class FakeMachine:
         self.release_load.wait(10)
         if self.fail_load is not None:
             raise self.fail_load
-        self.loaded = not self.load_leaves_unloaded
+        if staged.source in self.fail_load_for:
+            raise self.fail_load_for[staged.source]
+        # As the kernel: a load that fails changes nothing; one that succeeds replaces
+        # whatever was loaded (kernel/kexec_file.c: xchg(dest_image, image) at the end).
+        self.loaded = not (self.load_leaves_unloaded
+                           or staged.source in self.unloaded_after_load_for)
+        self.loaded_source = staged.source if self.loaded else None
 
     def unload(self) -> None:
         self.calls.append(("unload",))
         if self.fail_unload is not None:
             raise self.fail_unload
         self.loaded = False
+        self.loaded_source = None
 
     def handoff(self, kind: str) -> None:
         self.calls.append(("handoff", kind))
@@ -180,11 +196,15 @@ class FakeMachine:
     def digests(self, staged, banks):
         """Made-up values (01…, 02…, 03…) of each bank's length; no initrd digest for an
         image without one, as HostMachine."""
+        if self.fail_digests is not None:
+            raise self.fail_digests
         items = [("kernel", 1), ("initrd", 2), ("cmdline", 3)]
         return {item: {b: f"{n:02x}" * hashlib.new(b).digest_size for b in banks}
                 for item, n in items if item != "initrd" or staged.initrd is not None}
 
     def quiesce_plan(self, policy):
+        if self.fail_quiesce_plan is not None:
+            raise self.fail_quiesce_plan
         return quiesce.QuiescePlan(reboot_cpu=0, offline_cpus=(1,), kept_cpus=(), devices=(),
                                    holders=())
 

@@ -157,14 +157,18 @@ def _stage(args) -> int:
         while True:
             state = props.get("State")
             staged = props.get("StagedImage") or {}
+            last_error = props.get("LastError") or {}
             if state == "staged" and staged.get("id") == ident:
                 if tty and last_line:
                     sys.stderr.write("\n")
                 return _report_stage(args, path, ident, staged)
-            if state == "failed":
-                raise error_from(props.get("LastError") or {})
-            if state == "idle":
-                raise error_from({"name": "Cancelled", "message": "staging was cancelled"})
+            # A replacement that failed leaves the image staged before it staged: State is
+            # `staged` again, LastError names our id (and `kept`).
+            if state == "failed" or (state == "staged" and last_error.get("id") == ident):
+                raise error_from(last_error)
+            if state in ("idle", "staged"):
+                raise error_from({"name": "Cancelled", "message": "staging was cancelled"
+                                  + (f"; {staged['id']} stays staged" if staged else "")})
             line = progress_line(props.get("Progress") or {})
             if tty and line and line != last_line:
                 sys.stderr.write(f"\rstaging {args.image}: {line}   ")

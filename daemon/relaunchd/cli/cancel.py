@@ -11,8 +11,10 @@ from relaunchd.cli.output import print_json
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("cancel", help="cancel staging / unload (over D-Bus)",
-                                   description="Cancel a staging in progress or unload the "
-                                               "staged image; relaunchd returns to idle.")
+                                   description="Cancel a staging in progress (an image "
+                                               "staged before it stays staged) or unload "
+                                               "the staged image (relaunchd returns to "
+                                               "idle).")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=handled(run))
 

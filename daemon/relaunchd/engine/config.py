@@ -178,6 +178,9 @@ class Config:
     # Not keys of the file: where the values came from, and what the reader noticed.
     source: str | None = field(default=None, compare=False, metadata={"internal": True})
     notes: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
+    # key path ("trust.certificates[1]") → line in the file, for errors found after reading
+    key_lines: dict[str, int] = field(default_factory=dict, compare=False,
+                                      metadata={"internal": True})
 
     def to_json(self) -> dict[str, Any]:
         """The file's keys and values (tuples as lists), for `--check-config`."""

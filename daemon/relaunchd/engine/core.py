@@ -16,7 +16,8 @@ Rules the code keeps:
 - long work (copy, hash, verify, load) runs in a worker thread; the caller gets the
   relaunch id at once and follows State/Progress;
 - "staged" only ever means "recorded in staged.json *and* loaded in the kernel": every
-  path that fails or is cancelled unloads and removes the record, and `reconcile` repairs
+  path that fails or is cancelled unloads and removes what it added, a replacement that
+  fails leaves the image staged before it staged (engine.stage), and `reconcile` repairs
   the two after a crash;
 - a relaunch writes pending.json before the hand-off and removes it again if the hand-off
   fails, so nothing is left half-done.
@@ -51,7 +52,8 @@ METHODS = ("auto", *registry.NAMES)
 PROPERTIES = ("state", "progress", "staged_image", "capabilities", "can_relaunch",
               "last_relaunch", "last_error", "version")
 PROGRESS_INTERVAL = 0.1          # at most 10 Progress notifications per second
-HAS_STAGED_IMAGE = ("staged", "quiescing", "relaunching")
+# While a replacement is staging, the image staged before it is still loaded and recorded.
+HAS_STAGED_IMAGE = ("staging", "staged", "quiescing", "relaunching")
 
 
 class Engine:
@@ -360,4 +362,4 @@ def _staged_json(record: state.StagedRecord | None) -> dict:
     return {"id": record.id, "path": record.path, "method": record.method,
             "loader": record.loader, "kernel_sha256": record.kernel_sha256,
             "initrd_sha256": record.initrd_sha256 or "", "cmdline": record.cmdline,
-            "staged_at": record.staged_at}
+            "staged_at": record.staged_at, "quiesce": copy.deepcopy(record.quiesce)}

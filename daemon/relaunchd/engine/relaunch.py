@@ -338,7 +338,7 @@ def plan_summary(plan: quiesce.QuiescePlan) -> dict[str, Any]:
             "devices": [{"address": d.address, "driver": d.driver} for d in plan.devices],
             "holders": [{"pid": h.pid, "comm": h.comm, "path": h.path} for h in plan.holders],
             "kept_cpus": [{"cpu": k.cpu, "reason": k.reason} for k in plan.kept_cpus],
-            "notes": list(plan.notes)}
+            "uninspected": plan.uninspected, "notes": list(plan.notes)}
 
 
 def rehearsal_json(report: quiesce.RehearsalReport) -> dict:

@@ -5,6 +5,21 @@
 worker thread copies, verifies and loads (through the machine), records the staged image
 and the quiesce plan, and ends in `staged`, `failed` or (cancelled) `idle`, undoing
 whatever it did on the way.
+
+Replacing a staged image never loses it to a stage that fails (issue #14): the new image
+is copied, verified, measured and planned in its own memfds while the old one stays loaded
+and recorded (StagedImage shows it throughout); only then is the new one loaded — over the
+old one, which the kernel replaces only once the new image is complete (kernel/kexec.c
+do_kexec_load and kernel/kexec_file.c kexec_file_load end in `xchg(dest_image, image)`; a
+load that fails leaves the loaded image as it was) — and recorded. If anything fails or
+is cancelled, the old image is what stays staged: still loaded after a failed load, or
+loaded again from its sealed memfds (kept open while staged) when the new one had already
+replaced it. State is `staged` again, with LastError (`id` of the failed stage, `kept`)
+and a `stage-failed` history entry saying so. Only when the old image cannot be loaded
+again — its memfds are gone after a daemon restart, or the reload fails — is it lost:
+nothing is left loaded, state `failed`, LastError `lost`. From the load until one image
+is recorded again staged.json is absent, so a daemon killed then restarts with nothing
+staged (reconcile unloads the unrecorded image) rather than with a record of the wrong one.
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ import dataclasses
 import json
 import logging
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from relaunchd.engine import state
@@ -44,6 +60,24 @@ class Cancelled(BaseException):
     `except Exception` on the way turns it into a failure."""
 
 
+@dataclass(frozen=True)
+class Previous:
+    """The image staged when a replacement began; it stays staged until the new one is
+    loaded and recorded."""
+
+    record: state.StagedRecord
+    memory: Any                    # its StagedImage (sealed memfds); None after a restart
+    plan: dict[str, Any] | None    # its quiesce-plan.json
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of the previous image after a replacement did not finish."""
+
+    kept: bool
+    note: str                      # for LastError and the log
+
+
 class Stager:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -64,16 +98,21 @@ class Stager:
             request = StageRequest(path=path, profile=profile, method=method,
                                    cmdline=cmdline, append=tuple(append), loader=loader)
             options = self._options(request)
-            if current == "staged":
-                self.drop_staged("replaced by a new stage")
+            previous = None
+            if current == "staged" and engine.record is not None:
+                # Not dropped: it stays loaded and recorded until the new one replaces it.
+                previous = Previous(engine.record, engine.staged,
+                                    engine.store.load_runtime(state.QUIESCE_PLAN))
             self._cancel.clear()
-            worker = threading.Thread(target=self._work, args=(path, options),
+            worker = threading.Thread(target=self._work, args=(path, options, previous),
                                       name="relaunchd-stage", daemon=True)
             with engine.lock:
                 engine.worker = worker
             engine.transition(state="staging", last_error={},
                               progress=progress_of("checking", 0, 0))
-            log.info("staging %s as %s (method %s)", path, options.relaunch_id, options.method)
+            log.info("staging %s as %s (method %s%s)", path, options.relaunch_id,
+                     options.method, f"; {previous.record.id} stays staged until then"
+                     if previous else "")
             worker.start()
             started = True
             return options.relaunch_id
@@ -103,67 +142,156 @@ class Stager:
         engine.machine.check_location(request.path, options.policy)
         return options
 
-    def _work(self, path: str, options: staging.StageOptions) -> None:
+    def _work(self, path: str, options: staging.StageOptions,
+              previous: Previous | None) -> None:
         engine = self.engine
         staged = None
-        loaded = False
+        new_loaded = False          # the new image has (or may have) replaced what was loaded
         try:
             engine.set_progress("verifying", 0, 0, force=True)
             staged = engine.machine.prepare(path, options, self._on_progress)
             self._check_cancel()
+            # Everything that can fail without touching the kernel comes first.
+            digests = engine.machine.digests(staged, engine.config.measurement.banks)
+            plan = engine.machine.quiesce_plan(
+                quiesce.QuiescePolicy.from_config(engine.config.quiesce))
+            record = dataclasses.replace(record_for(staged), digests=digests,
+                                         quiesce=plan_summary(plan))
+            self._check_cancel()
             engine.set_progress("loading", 0, 1, force=True)
-            engine.machine.load(staged)
-            loaded = True
+            if previous is not None:
+                # From the load on, the kernel may hold the new image while staged.json
+                # names the old one: a daemon killed in between must not find them
+                # agreeing. Without a record, reconcile unloads whatever is loaded; the
+                # old record is written again when the old image stays (_keep_previous).
+                engine.store.clear_staged()
+            try:
+                engine.machine.load(staged)
+                new_loaded = True
+            except BaseException:
+                # A load that fails replaces nothing; one that returned and then found
+                # nothing loaded (staging.load's check) has replaced it with nothing.
+                new_loaded = engine.machine.kexec_loaded() is not True
+                raise
             if engine.machine.kexec_loaded() is False:
                 raise KexecFailed("the load returned, but the kernel reports no kexec image "
                                   "loaded")
             self._check_cancel()
             engine.set_progress("recording", 0, 1, force=True)
-            digests = engine.machine.digests(staged, engine.config.measurement.banks)
-            plan = engine.machine.quiesce_plan(
-                quiesce.QuiescePolicy.from_config(engine.config.quiesce))
             # The shutdown hook executes this plan; it is reviewable before the relaunch.
             engine.store.save_runtime(state.QUIESCE_PLAN,
                                       {"id": staged.id, "plan": json.loads(plan.to_json())})
-            record = dataclasses.replace(record_for(staged), digests=digests,
-                                         quiesce=plan_summary(plan))
             engine.store.save_staged(record)
+            detail = {"path": path, "method": record.method,
+                      **({"replaced": previous.record.id} if previous else {})}
+            # History before the final transition: once it is visible, the next operation
+            # may start and must find its entry after this one.
+            self._check_cancel()
+            engine.record_history("staged", record.id, detail)
             with engine.lock:
                 # Cancel and this transition exclude each other under the lock:
                 # either the cancel is seen here, or it finds the image staged.
                 if self._cancel.is_set():
                     raise Cancelled
                 engine.staged, engine.record = staged, record
+                if previous is not None and previous.memory is not None:
+                    previous.memory.close()          # replaced for good: release its memfds
                 changed = engine.update(state="staged", progress=progress_of("staged", 1, 1, 100))
                 engine.end_operation()
             engine.emit(changed)
-            log.info("staged %s from %s (%s, %s loader)", record.id, path, record.method,
-                     record.loader)
-            engine.record_history("staged", record.id, {"path": path, "method": record.method})
+            log.info("staged %s from %s (%s, %s loader)%s", record.id, path, record.method,
+                     record.loader, f", replacing {previous.record.id}" if previous else "")
         except Cancelled:
-            self._abandon(staged, loaded)
+            outcome = self._undo(staged, new_loaded, previous)
+            lost = {} if outcome is None or outcome.kept else {"last_error": {
+                **error_json(RelaunchError(f"staging cancelled; {outcome.note}")),
+                "id": options.relaunch_id, **_history_of(previous, outcome)}}
+            log.info("staging %s cancelled%s", options.relaunch_id,
+                     f"; {outcome.note}" if outcome else "")
+            engine.record_history("cancelled", options.relaunch_id,
+                                  {"path": path, **_history_of(previous, outcome)})
             with engine.lock:
-                changed = engine.update(state="idle", progress=idle())
+                changed = engine.update(state=_state_after(previous, outcome,
+                                                           "failed" if lost else "idle"),
+                                        progress=_progress_after(previous, outcome), **lost)
                 engine.end_operation()
             engine.emit(changed)
-            log.info("staging %s cancelled", options.relaunch_id)
-            engine.record_history("cancelled", options.relaunch_id, {"path": path})
         except BaseException as exc:   # the worker must end in a state, whatever happened
             error = as_error(exc)
-            self._abandon(staged, loaded)
+            outcome = self._undo(staged, new_loaded, previous)
             if not isinstance(exc, RelaunchError):
                 log.exception("staging %s failed unexpectedly", options.relaunch_id)
             else:
                 log.warning("staging %s failed: %s: %s", options.relaunch_id, error.name, error)
+            message = str(error) + (f"; {outcome.note}" if outcome else "")
+            shown = {**error_json(error, message), "id": options.relaunch_id,
+                     **_history_of(previous, outcome)}
+            engine.record_history("stage-failed", options.relaunch_id,
+                                  {"path": path, "error": error.name, "message": message,
+                                   **_history_of(previous, outcome)})
             with engine.lock:
-                changed = engine.update(state="failed", progress=idle(),
-                                        last_error=error_json(error))
+                changed = engine.update(state=_state_after(previous, outcome, "failed"),
+                                        progress=_progress_after(previous, outcome),
+                                        last_error=shown)
                 engine.end_operation()
             engine.emit(changed)
-            engine.record_history("stage-failed", options.relaunch_id,
-                                  {"path": path, "error": error.name, "message": str(error)})
             if not isinstance(exc, Exception):
                 raise
+
+    def _undo(self, staged: Any, new_loaded: bool, previous: Previous | None) -> Outcome | None:
+        """Undo a stage that did not finish; what became of the previous image, if any."""
+        if previous is None:
+            self._abandon(staged, new_loaded)
+            return None
+        if staged is not None:
+            staged.close()
+        return self._keep_previous(previous, new_loaded)
+
+    def _keep_previous(self, previous: Previous, new_loaded: bool) -> Outcome:
+        """Make the previous image the staged one again: loaded (reloaded from its memfds
+        when the new one replaced it) and recorded (its staged.json and quiesce plan)."""
+        engine, old = self.engine, previous.record.id
+        reloaded = False
+        try:
+            if new_loaded:
+                if previous.memory is None:
+                    raise NotStaged("its memory copy did not survive the daemon's restart, so "
+                                    "it cannot be loaded again")
+                engine.machine.load(previous.memory)
+                reloaded = True
+            if engine.machine.kexec_loaded() is not True:
+                raise KexecFailed("the kernel reports no kexec image loaded")
+            if previous.plan is not None:
+                engine.store.save_runtime(state.QUIESCE_PLAN, previous.plan)
+            engine.store.save_staged(previous.record)
+        except BaseException as exc:
+            why = as_error(exc)
+            log.error("the previously staged image %s is lost: %s", old, why)
+            self._forget_previous(previous)
+            return Outcome(False, f"the previously staged image {old} was lost too "
+                                  f"({why.name}: {why})")
+        how = " (loaded again from its sealed copy)" if reloaded else ""
+        log.info("staged image %s stays staged%s", old, how)
+        return Outcome(True, f"the staged image {old} stays staged{how}")
+
+    def _forget_previous(self, previous: Previous) -> None:
+        """Nothing can be proven loaded: leave nothing loaded and nothing recorded."""
+        engine = self.engine
+        try:
+            if engine.machine.kexec_loaded() is not False:
+                engine.machine.unload()
+        except Exception:
+            log.exception("unloading after a failed replacement failed")
+        for clear in (engine.store.clear_staged,
+                      lambda: engine.store.clear_runtime(state.QUIESCE_PLAN)):
+            try:
+                clear()
+            except OSError as exc:
+                log.error("cannot clean up after a failed replacement: %s", exc)
+        with engine.lock:
+            engine.staged, engine.record = None, None
+        if previous.memory is not None:
+            previous.memory.close()
 
     def _abandon(self, staged: Any, loaded: bool) -> None:
         """Undo a stage that did not finish: nothing loaded, no record, no memfds."""
@@ -240,6 +368,24 @@ class Stager:
             staged, engine.staged, engine.record = engine.staged, None, None
         if staged is not None:
             staged.close()
+
+
+def _state_after(previous: Previous | None, outcome: Outcome | None, otherwise: str) -> str:
+    return "staged" if previous is not None and outcome is not None and outcome.kept \
+        else otherwise
+
+
+def _progress_after(previous: Previous | None, outcome: Outcome | None) -> dict:
+    kept = previous is not None and outcome is not None and outcome.kept
+    return progress_of("staged", 1, 1, 100) if kept else idle()
+
+
+def _history_of(previous: Previous | None, outcome: Outcome | None) -> dict[str, str]:
+    """`kept` or `lost`: the id of the image that was staged before, for LastError and
+    the history."""
+    if previous is None or outcome is None:
+        return {}
+    return {"kept" if outcome.kept else "lost": previous.record.id}
 
 
 def record_for(staged: Any) -> state.StagedRecord:

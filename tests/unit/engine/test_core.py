@@ -19,12 +19,14 @@ from relaunchd.errors import (
     KexecFailed,
     NotReady,
 )
+from relaunchd.platform import quiesce
 from support.engine_env import (
+    EngineEnv,
     make_config,
     staged_engine,
     write_record,
 )
-from support.fakes import make_report
+from support.fakes import FakeMachine, make_report
 
 
 def test_initial_properties(env):
@@ -139,9 +141,9 @@ def test_restage_announces_every_change(env):
     env.notes.calls.clear()
     engine.stage(env.image)
     engine.wait(5)
-    # StagedImage went {} while staging and back: both announced
+    # StagedImage showed the first image while staging, then the second: announced once
     staged_image_calls = [c for c in env.notes.calls if "staged_image" in c]
-    assert len(staged_image_calls) == 2
+    assert len(staged_image_calls) == 1
     assert env.notes.states == ["staging", "staged", "staging", "staged"]
 
 
@@ -235,3 +237,32 @@ def test_close_aborts_staging_and_keeps_staged_loaded(env):
     engine2.close()
     assert env.machine.loaded is True and env.staged_json.exists()
     assert env.machine.staged[-1].closed == 1
+
+
+# ------------------------------------------------------------------
+# StagedImage.quiesce: the plan summary
+
+NOTE = "could not inspect 3 processes: missing CAP_SYS_PTRACE"
+
+
+class ScanRefused(FakeMachine):
+    def quiesce_plan(self, policy):
+        return quiesce.QuiescePlan(
+            reboot_cpu=0, offline_cpus=(1,), kept_cpus=(), devices=(),
+            holders=(quiesce.Holder(42, "tpm2-abrmd", "/dev/tpmrm0"),), notes=(NOTE,),
+            uninspected=3)
+
+
+def test_staged_image_says_how_many_processes_were_not_inspected(tmp_path, keys):
+    env = EngineEnv.create(tmp_path, str(keys["db"].cert), ScanRefused())
+    engine = env.engine()
+    engine.stage(env.image("a.efi"))
+    assert engine.wait(5) == "staged"
+    summary = engine.staged_image["quiesce"]
+    assert summary["uninspected"] == 3 and summary["notes"] == [NOTE]
+    assert summary["holders"] == [{"pid": 42, "comm": "tpm2-abrmd", "path": "/dev/tpmrm0"}]
+    assert summary["offline_cpus"] == [1]
+    # the plan the shutdown hook reads keeps the count too
+    plan = engine.store.load_runtime("quiesce-plan.json")["plan"]
+    assert plan["uninspected"] == 3 and NOTE in plan["notes"]
+    assert quiesce.QuiescePlan.from_json(json.dumps(plan)).uninspected == 3

@@ -326,7 +326,8 @@ def test_measure_without_a_tpm(env):
 def test_the_json_of_a_plan_and_a_rehearsal(env):
     plan = env.machine.quiesce_plan(None)
     assert relaunch_rules.plan_summary(plan) == {
-        "offline_cpus": [1], "devices": [], "holders": [], "kept_cpus": [], "notes": []}
+        "offline_cpus": [1], "devices": [], "holders": [], "kept_cpus": [], "notes": [],
+        "uninspected": 0}
     report = relaunch_rules.rehearsal_json(env.machine.rehearse(plan, "/nonexistent"))
     assert report["ok"] is True and report["executed"] == [
         {"action": "cpu-offline", "target": "1", "previous": "1"}]

@@ -22,6 +22,7 @@ from relaunchd.platform.quiesce.journal import (
 )
 from relaunchd.platform.quiesce.plan import (
     Holder,
+    HolderScan,
     KeptCpu,
     PlannedDevice,
     QuiescePlan,
@@ -31,12 +32,13 @@ from relaunchd.platform.quiesce.plan import (
     current_driver,
     find_holders,
     reboot_cpu,
+    scan_holders,
 )
 
 __all__ = [
-    "CPU_OFFLINE", "DRIVER_UNBIND", "ROLLED_BACK", "ExecuteReport", "Holder", "Journal",
-    "JournalEntry", "KeptCpu", "PlannedDevice", "QuiescePlan", "QuiescePolicy",
+    "CPU_OFFLINE", "DRIVER_UNBIND", "ROLLED_BACK", "ExecuteReport", "Holder", "HolderScan",
+    "Journal", "JournalEntry", "KeptCpu", "PlannedDevice", "QuiescePlan", "QuiescePolicy",
     "RehearsalReport", "RollbackReport", "Snapshot", "compute_plan", "cpu_states",
     "current_driver", "execute", "find_holders", "reboot_cpu", "rehearse", "rollback",
-    "snapshot",
+    "scan_holders", "snapshot",
 ]

@@ -139,18 +139,26 @@ def _undo(entry: JournalEntry, sysroot: SysRoot, writer: SysWriter,
 
 
 def rollback(journal_path: str, sysroot: SysRoot, writer: SysWriter) -> RollbackReport:
-    """Undo every journaled action, newest first; never stops at the first failure."""
+    """Undo every journaled action, newest first; never stops at one bad entry.
+
+    An entry the journal rejected (journal.entry_problem) cannot be undone by relaunchd at
+    all: it is reported in `failed`, by line, once. The rolled-back marker is appended when
+    every entry that *can* be undone was, so such a line does not refuse every later
+    quiesce; an entry whose undo failed keeps the journal pending for the next rollback.
+    """
     journal = Journal(journal_path)
-    entries, notes = journal.read()
-    report = RollbackReport(notes=notes)
-    for entry in reversed(entries):
+    contents = journal.read()
+    report = RollbackReport()
+    report.failed += [f"journal line {line}: {why}; not rolled back (check it by hand)"
+                      for line, why in contents.rejected]
+    undo_failed = False
+    for entry in reversed(contents.entries):
         try:
-            if entry.action == CPU_OFFLINE and not entry.target.isdigit():
-                raise InvalidArgument(f"bad CPU {entry.target!r}")
             _undo(entry, sysroot, writer, report)
-        except (OSError, InvalidArgument) as exc:
+        except Exception as exc:   # whatever one entry raises, the others are still undone
             report.failed.append(f"{entry.action} {entry.target}: {exc}")
-    if entries and report.ok:
+            undo_failed = True
+    if contents.pending and not undo_failed:
         journal.append(JournalEntry(ROLLED_BACK, "", ""))
     return report
 

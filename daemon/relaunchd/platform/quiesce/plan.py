@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from relaunchd.errors import InvalidArgument
-from relaunchd.platform.sysroot import SysRoot
+from relaunchd.platform import capabilities
+from relaunchd.platform.sysroot import NOT_PRESENT, PERMISSION, SysRoot
 
 PLAN_PATH = "/run/relaunchd/quiesce-plan.json"
 JOURNAL_PATH = "/run/relaunchd/quiesce-journal.jsonl"
@@ -29,9 +30,9 @@ REBOOT_CPU = "/sys/kernel/reboot/cpu"
 PCI_DEVICES = "/sys/bus/pci/devices"
 PCI_DRIVERS = "/sys/bus/pci/drivers"
 
-PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-FULL_PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-DRIVER_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$", re.ASCII)
+FULL_PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$", re.ASCII)
+DRIVER_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$", re.ASCII)
 PCI_CLASS = re.compile(r"^(?:0x)?((?:[0-9a-f]{2}){1,3})$")
 CPU_NAME = re.compile(r"^cpu([0-9]+)$")
 TPM_NODE = re.compile(r"^/dev/tpm(?:rm)?[0-9]+$")
@@ -42,6 +43,14 @@ MAX_PROCESSES = 65536
 MAX_FDS_PER_PROCESS = 65536
 MAX_DEVICE_WALK = 4096           # sysfs directories visited below one PCI device
 MAX_DEVICE_DEPTH = 6
+
+# What reading another process's open files takes beyond uid 0: listing /proc/PID/fd of a
+# process with another uid is a DAC check (fs/proc/fd.c proc_fd_permission →
+# generic_permission: CAP_DAC_READ_SEARCH), reading a link in it a PTRACE_MODE_READ check
+# (proc_fd_access_allowed) that fails without CAP_SYS_PTRACE for every process whose
+# capabilities are not a subset of ours (security/commoncap.c cap_ptrace_access_check) —
+# i.e. most system daemons. units/relaunchd.service keeps both in its bounding set.
+SCAN_CAPABILITIES = ("CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH")
 
 
 # ------------------------------------------------------------------ policy and plan
@@ -83,6 +92,15 @@ class Holder:
 
 
 @dataclass(frozen=True)
+class HolderScan:
+    """What the holder scan found, and how many processes it could not look into."""
+
+    holders: tuple[Holder, ...]
+    uninspected: int = 0            # processes whose open files could not be read
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class QuiescePlan:
     reboot_cpu: int
     offline_cpus: tuple[int, ...]
@@ -90,6 +108,7 @@ class QuiescePlan:
     devices: tuple[PlannedDevice, ...]
     holders: tuple[Holder, ...]
     notes: tuple[str, ...] = ()
+    uninspected: int = 0            # processes the holder scan could not look into
     version: int = PLAN_VERSION
 
     def to_json(self) -> str:
@@ -108,18 +127,19 @@ class QuiescePlan:
                 raise InvalidArgument(f"quiesce plan version {d.get('version')!r} "
                                       f"(expected {PLAN_VERSION})")
             plan = cls(
-                reboot_cpu=int(d["reboot_cpu"]),
-                offline_cpus=tuple(int(c) for c in d["offline_cpus"]),
-                kept_cpus=tuple(KeptCpu(int(k["cpu"]), str(k["reason"]))
+                reboot_cpu=_int(d["reboot_cpu"]),
+                offline_cpus=tuple(_int(c) for c in d["offline_cpus"]),
+                kept_cpus=tuple(KeptCpu(_int(k["cpu"]), str(k["reason"]))
                                 for k in d["kept_cpus"]),
                 devices=tuple(PlannedDevice(str(x["address"]), str(x["driver"]),
                                             str(x["pci_class"]),
                                             tuple(str(s) for s in _list(x["selectors"])),
                                             tuple(str(n) for n in _list(x["nodes"])))
                               for x in d["devices"]),
-                holders=tuple(Holder(int(h["pid"]), str(h["comm"]), str(h["path"]))
+                holders=tuple(Holder(_int(h["pid"]), str(h["comm"]), str(h["path"]))
                               for h in d["holders"]),
                 notes=tuple(str(n) for n in d.get("notes", ())),
+                uninspected=_int(d.get("uninspected", 0)),
             )
         except InvalidArgument:
             raise
@@ -134,6 +154,13 @@ class QuiescePlan:
         return plan
 
 
+def _int(value: Any) -> int:
+    """A JSON integer only: int() would also take "٣" (3) or true (1)."""
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, not {value!r}")
+    return value
+
+
 def _list(value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise TypeError(f"expected a list, not {type(value).__name__}")
@@ -141,13 +168,14 @@ def _list(value: Any) -> list[Any]:
 
 
 def check_address(address: str) -> str:
-    if not FULL_PCI_ADDRESS.match(address):
+    # fullmatch: `$` would also match before a trailing newline
+    if not FULL_PCI_ADDRESS.fullmatch(address):
         raise InvalidArgument(f"not a PCI address: {address!r}")
     return address
 
 
 def check_driver(driver: str) -> str:
-    if not DRIVER_NAME.match(driver) or driver in (".", ".."):
+    if not DRIVER_NAME.fullmatch(driver) or driver in (".", ".."):
         raise InvalidArgument(f"not a driver name: {driver!r}")
     return driver
 
@@ -230,13 +258,15 @@ def _platform_target(sysroot: SysRoot, target: str) -> str:
     return target
 
 
-def find_holders(sysroot: SysRoot, nodes: set[str], *, tpm: bool = True,
+def scan_holders(sysroot: SysRoot, nodes: set[str], *, tpm: bool = True,
                  exclude: set[int] | None = None,
-                 max_processes: int = MAX_PROCESSES) -> tuple[tuple[Holder, ...], list[str]]:
+                 max_processes: int = MAX_PROCESSES) -> HolderScan:
     """Processes with an open fd on one of `nodes` (or on /dev/tpm*), via <root>/proc/PID/fd.
 
-    Processes come and go during the scan and some fds are not ours to read: every such
-    case is skipped, never an error. Returns the holders and notes on what could not be seen.
+    Processes come and go during the scan: one that vanished is skipped. One whose fd
+    directory or fd links are refused is counted in `uninspected`, and a note says how many
+    and which capability this process lacks for them — a holder there is invisible, so
+    "no holders" must never be read as "nobody holds it".
     """
     exclude = {os.getpid()} if exclude is None else exclude
     notes: list[str] = []
@@ -244,27 +274,50 @@ def find_holders(sysroot: SysRoot, nodes: set[str], *, tpm: bool = True,
     if len(pids) > max_processes:
         notes.append(f"process scan stopped after {max_processes} of {len(pids)} processes")
         pids = pids[:max_processes]
-    unreadable = 0
+    uninspected = 0
     holders: set[Holder] = set()
     for pid in pids:
         if pid in exclude:
             continue
         fds = sysroot.listdir(f"/proc/{pid}/fd")
         if not fds.ok:
-            if fds.error != "not-present":   # vanished: not interesting
-                unreadable += 1
+            if fds.error != NOT_PRESENT:   # vanished: not interesting
+                uninspected += 1
             continue
+        refused = False
         for fd in (fds.value or ())[:MAX_FDS_PER_PROCESS]:
             link = sysroot.readlink(f"/proc/{pid}/fd/{fd}")
             if not link.ok or not link.value:
+                refused = refused or link.error == PERMISSION
                 continue
             path = _platform_target(sysroot, link.value)
             if path in nodes or (tpm and TPM_NODE.match(path)):
                 comm = sysroot.read_line(f"/proc/{pid}/comm")
                 holders.add(Holder(pid, comm.value if comm.ok and comm.value else "?", path))
-    if unreadable:
-        notes.append(f"open files of {unreadable} processes could not be read")
-    return tuple(sorted(holders, key=lambda h: (h.path, h.pid))), notes
+        uninspected += refused
+    if uninspected:
+        notes.append(uninspected_note(uninspected))
+    return HolderScan(tuple(sorted(holders, key=lambda h: (h.path, h.pid))), uninspected,
+                      tuple(notes))
+
+
+def uninspected_note(count: int) -> str:
+    """"could not inspect N processes: missing CAP_SYS_PTRACE" (or why else)."""
+    what = f"could not inspect {count} process{'es' if count != 1 else ''}"
+    lacking = capabilities.missing(SCAN_CAPABILITIES)
+    if lacking:
+        return f"{what}: missing {' and '.join(lacking)}"
+    if lacking is None:
+        return f"{what} (reading /proc/PID/fd needs {' and '.join(SCAN_CAPABILITIES)})"
+    return f"{what}: their open files are not readable"
+
+
+def find_holders(sysroot: SysRoot, nodes: set[str], *, tpm: bool = True,
+                 exclude: set[int] | None = None,
+                 max_processes: int = MAX_PROCESSES) -> tuple[tuple[Holder, ...], list[str]]:
+    """`scan_holders` as (holders, notes)."""
+    scan = scan_holders(sysroot, nodes, tpm=tpm, exclude=exclude, max_processes=max_processes)
+    return scan.holders, list(scan.notes)
 
 
 # ------------------------------------------------------------------ plan computation
@@ -363,5 +416,6 @@ def compute_plan(policy: QuiescePolicy, sysroot: SysRoot, *,
     cpus, kept = _plan_cpus(policy, sysroot, boot, notes)
     devices = _plan_devices(policy, sysroot, notes)
     nodes = {n for d in devices for n in d.nodes}
-    holders, scan_notes = find_holders(sysroot, nodes, exclude=exclude_pids)
-    return QuiescePlan(boot, cpus, kept, devices, holders, tuple(notes + scan_notes))
+    scan = scan_holders(sysroot, nodes, exclude=exclude_pids)
+    return QuiescePlan(boot, cpus, kept, devices, scan.holders, (*notes, *scan.notes),
+                       uninspected=scan.uninspected)
