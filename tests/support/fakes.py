@@ -133,9 +133,9 @@ class FakeMachine:
     def prepare_entry(self, listed, options, *, allow_unsigned_parts, progress=None):
         """As `prepare`, for an entry: the staged command line is the entry's options
         plus what staging adds, so the engine's record can be checked against it."""
+        self.calls.append(("prepare_entry", listed.id))
         self.entry_options.append({"allow_unsigned_parts": allow_unsigned_parts})
-        staged = self.prepare(listed.path(listed.entry.source), options, progress)
-        self.calls[-1] = ("prepare_entry", listed.id)
+        staged = self._prepared(listed.path(listed.entry.source), options, progress)
         args = [*options.append, f"relaunchd.id={options.relaunch_id}"]
         staged.cmdline = FakeCmdline(" ".join([listed.entry.options or "", *args]).strip())
         return staged
@@ -145,6 +145,9 @@ class FakeMachine:
 
     def prepare(self, path, options, progress=None):
         self.calls.append(("prepare", path))
+        return self._prepared(path, options, progress)
+
+    def _prepared(self, path, options, progress):
         self.options.append(options)
         self.in_prepare.set()
         for i in range(self.progress_calls):

@@ -34,9 +34,11 @@ def run(args: argparse.Namespace) -> int:
         print("no images")
     for image in images:
         size = image.get("size")
+        mark = "*" if image.get("staged") else " "
         extra = "  ".join(f"{k}={v}" for k, v in image.items()
-                          if k not in ("path", "size", "kind") and not isinstance(v, dict | list))
-        print(f"  {image.get('path')}  {human_size(size) if isinstance(size, int) else ''}"
+                          if k not in ("path", "size", "staged", "kind")
+                          and not isinstance(v, dict | list))
+        print(f"{mark} {image.get('path')}  {human_size(size) if isinstance(size, int) else ''}"
               f"  {extra}".rstrip())
     if loader is not None:
         print()
@@ -61,8 +63,9 @@ def loader_lines(loader: dict) -> list[str]:
 
 
 def entry_line(entry: dict) -> str:
-    """`> ` next boot, `* ` the default; then id, type, version, title, the verdict."""
-    mark = ">" if entry.get("next_boot") else "*" if entry.get("default") else " "
+    """`>` the next boot, `+` the default (when another boots next); then id, type,
+    version, title, the verdict."""
+    mark = ">" if entry.get("next_boot") else "+" if entry.get("default") else " "
     verified = {True: "verified", False: "NOT verified"}.get(entry.get("verified"), "")
     problems = ", ".join(p.get("reason", "") for p in entry.get("problems") or [])
     if not entry.get("listed", True):

@@ -84,18 +84,21 @@ class Stager:
                                    entry=entry)
             options = self._options(request)
             listed = self._entry(entry, options) if entry is not None else None
-            what = path if listed is None else f"boot entry {listed.id}"
+            if listed is not None:            # history and logs name the entry's file
+                path = listed.path(listed.entry.source) or listed.id
             if current == "staged":
                 self.drop_staged("replaced by a new stage")
             self._cancel.clear()
-            worker = threading.Thread(target=self._work, args=(what, options, listed),
+            worker = threading.Thread(target=self._work, args=(path, options, listed),
                                       name="relaunchd-stage", daemon=True)
             with engine.lock:
                 engine.worker = worker
                 self._staging_entry = listed.staged_record() if listed is not None else {}
             engine.transition(state="staging", last_error={},
                               progress=progress_of("checking", 0, 0))
-            log.info("staging %s as %s (method %s)", what, options.relaunch_id, options.method)
+            log.info("staging %s%s as %s (method %s)", path,
+                     f" (boot entry {listed.id})" if listed is not None else "",
+                     options.relaunch_id, options.method)
             worker.start()
             started = True
             return options.relaunch_id
