@@ -3,6 +3,7 @@ tests/integration → `integration`, tests/vm → `vm` (pytest -m selects them).
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -21,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
         for tier in TIERS:
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """relaunchd.daemon.main sets the root logger's handler to the stderr of the moment,
+    which pytest closes after the test; a later test's engine thread logging through it
+    would hit a closed file. Each test gets the root logger back as it was."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

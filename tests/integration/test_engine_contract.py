@@ -316,10 +316,10 @@ def test_check(subject):
 
 
 def test_list_images(subject):
-    listed = subject.engine.list_images()
+    listed = [e for e in subject.engine.list_images() if e["kind"] == "image"]
     by_name = {Path(e["path"]).name: e for e in listed}
     assert list(by_name) == ["a.efi", "uki.efi"]
-    assert set(by_name["uki.efi"]) == IMAGE_ENTRY_KEYS | {"staged"}
+    assert set(by_name["uki.efi"]) == IMAGE_ENTRY_KEYS | {"staged", "kind"}
     assert by_name["uki.efi"]["title"] == "Contract" and by_name["uki.efi"]["signed"] is False
     assert not any(e["staged"] for e in listed)           # nothing is staged yet
     assert "not a PE image" in by_name["a.efi"]["error"]
@@ -399,7 +399,8 @@ def test_the_real_list_images_marks_the_staged_image(tmp_path, small_uki, keys):
     subject = _real(tmp_path, _images(tmp_path, small_uki), [], str(keys["db"].cert))
     try:
         subject.stage_and_wait("a.efi")
-        by_name = {Path(e["path"]).name: e for e in subject.engine.list_images()}
+        by_name = {Path(e["path"]).name: e for e in subject.engine.list_images()
+                   if e["kind"] == "image"}
         assert by_name["a.efi"].get("staged") is True
         assert by_name["uki.efi"].get("staged") is False
     finally:

@@ -21,12 +21,15 @@ from typing import Any
 from relaunchd.engine.host_machine import HostMachine
 from relaunchd.engine.machine import BootFacts
 from relaunchd.errors import NoTpm
+from relaunchd.formats.boot_entries import LoaderSettings
 from relaunchd.launch.assessment import Report
 from relaunchd.launch.checks import Check, Verdict
 from relaunchd.launch.registry import NAMES
 from relaunchd.platform import image_files, quiesce
+from relaunchd.platform.boot_entries import Listing
+from relaunchd.platform.boot_partition import Partitions
 from relaunchd.platform.inhibitors import Inhibitor
-from relaunchd.platform.sysroot import Read
+from relaunchd.platform.sysroot import Read, SysRoot
 from relaunchd.platform.tpm_extend_log import ReplayResult
 from relaunchd.platform.trust_store import load_certificates
 
@@ -122,6 +125,8 @@ class FakeMachine:
         self.measured_items: list = []
         self.dropped = 0
         self.boot: str | None = BOOT_ID
+        self.boot_root: str | None = None     # where boot_entries reads (a fixture tree)
+        self.entry_options: list[dict] = []   # prepare_entry's keyword arguments
 
     # The catalogue, trust and location rules read files only: the real ones.
     def find_images(self, directories):
@@ -139,11 +144,33 @@ class FakeMachine:
     def check_location(self, path, policy):
         image_files.check_location(path, policy)
 
+    # The boot entries are read from files (`boot_root`): the real listing. Without a
+    # boot_root the machine has no boot partitions (never the host's own).
+    def boot_entries(self, *, esp, xbootldr, trusted):
+        if self.boot_root is None:
+            return Listing(Partitions(None, None, ("FakeMachine: no boot_root",)), [],
+                           LoaderSettings())
+        return HostMachine(SysRoot(self.boot_root)).boot_entries(esp=esp, xbootldr=xbootldr,
+                                                                  trusted=trusted)
+
+    def prepare_entry(self, listed, options, *, allow_unsigned_parts, progress=None):
+        """As `prepare`, for an entry: the staged command line is the entry's options
+        plus what staging adds, so the engine's record can be checked against it."""
+        self.calls.append(("prepare_entry", listed.id))
+        self.entry_options.append({"allow_unsigned_parts": allow_unsigned_parts})
+        staged = self._prepared(listed.path(listed.entry.source), options, progress)
+        args = [*options.append, f"relaunchd.id={options.relaunch_id}"]
+        staged.cmdline = FakeCmdline(" ".join([listed.entry.options or "", *args]).strip())
+        return staged
+
     def kexec_loaded(self) -> bool | None:
         return self.loaded
 
     def prepare(self, path, options, progress=None):
         self.calls.append(("prepare", path))
+        return self._prepared(path, options, progress)
+
+    def _prepared(self, path, options, progress):
         self.options.append(options)
         self.in_prepare.set()
         for i in range(self.progress_calls):

@@ -30,12 +30,20 @@ _image_key: list[str] = []
 
 
 def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
     if os.environ.get("RELAUNCHD_SKIP_VM") == "1":
         skip = pytest.mark.skip(reason="RELAUNCHD_SKIP_VM=1")
-        here = Path(__file__).parent
         for item in items:
             if here in Path(str(item.fspath)).parents:
                 item.add_marker(skip)
+    # Modules that boot a guest of their own run before the shared guest boots, so two
+    # QEMUs never share the CPUs (the shared one lives until the end of the session).
+    # Stable: file order otherwise.
+    places = [n for n, item in enumerate(items) if here in Path(str(item.fspath)).parents]
+    ordered = sorted((items[n] for n in places),
+                     key=lambda item: "guest" in getattr(item, "fixturenames", ()))
+    for n, item in zip(places, ordered, strict=True):
+        items[n] = item
 
 
 def pytest_terminal_summary(terminalreporter):

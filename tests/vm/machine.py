@@ -73,6 +73,9 @@ class MachineSpec:
     # UEFI boot instead of -kernel: OVMF runs whatever the ESP directory holds
     # (systemd-boot + a UKI), so systemd-stub measures the UKI into the TPM.
     esp: Path | None = None
+    # A writable ESP with this much room to spare (kernel-install adds kernels to it);
+    # None: read-only, just big enough.
+    esp_spare_mib: int | None = None
     max_lifetime: float = 45 * 60
 
 
@@ -200,10 +203,11 @@ class Machine:
         if s.esp:
             variables = self.runtime / "OVMF_VARS.fd"
             shutil.copyfile(OVMF_VARS, variables)
+            esp = fat_image(s.esp, self.runtime / "esp.img", s.esp_spare_mib or 0)
+            read_only = ",readonly=on" if s.esp_spare_mib is None else ""
             cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                     "-drive", f"if=pflash,format=raw,unit=1,file={variables}",
-                    "-drive", f"file={fat_image(s.esp, self.runtime / 'esp.img')},"
-                              "format=raw,if=virtio,readonly=on"]
+                    "-drive", f"file={esp},format=raw,if=virtio{read_only}"]
         else:
             cmd += ["-kernel", str(img.kernel), "-initrd", str(img.initrd),
                     "-append", f"{img.cmdline} {s.append}".strip()]

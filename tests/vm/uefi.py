@@ -41,12 +41,13 @@ def make_esp(uki: Path, directory: Path) -> Path:
     return directory
 
 
-def fat_image(directory: Path, out: Path) -> Path:
+def fat_image(directory: Path, out: Path, spare_mib: int = 0) -> Path:
     """The ESP tree as a FAT image, built without mounting (mkfs.vfat -C, mcopy). Not
     QEMU's virtual FAT (`fat:ro:DIR`): with it OVMF now and then hangs loading the boot
     loader after a guest reset, which the downtime benchmark's firmware reboots hit."""
     content = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     kib = max(64 << 10, (content * 5 // 4) >> 10)      # room for FAT tables and clusters
+    kib += spare_mib << 10                              # room to add files in the guest
     out.unlink(missing_ok=True)
     subprocess.run(["mkfs.vfat", "-C", "-n", "ESP", str(out), str(kib)], check=True,
                    capture_output=True, timeout=120)

@@ -76,10 +76,10 @@ _METHODS: dict[str, tuple[str | None, dict[str, type]]] = {
     "ListImages": (None, {}),
     "Inspect": ("inspect", {"profile": int}),
     "Stage": ("stage", {"profile": int, "method": str, "cmdline": str, "append": list,
-                        "loader": str}),
+                        "loader": str, "entry": str, "if_auto_stage": bool}),
     "Relaunch": ("relaunch", {"force": bool, "immediate": bool, "fallback": str}),
     "Rehearse": ("relaunch", {}),
-    "Cancel": ("cancel", {}),
+    "Cancel": ("cancel", {"if_entry": str, "if_kernel": str}),
     "GetHistory": (None, {"limit": int}),
 }
 
@@ -278,6 +278,8 @@ class Service:
                 self._run(invocation, sender, arrived, method, args)
                 return
             details = {"path": args[0]} if method in ("Stage", "Inspect") else {}
+            if method == "Stage" and "entry" in args[-1]:
+                details["entry"] = args[-1]["entry"]
             self._authorize(invocation, sender, ACTION_PREFIX + action, details,
                             lambda authorized: self._run(invocation, sender, authorized,
                                                          method, args), arrived)
@@ -462,10 +464,14 @@ class Service:
         return to_vardict(self.engine.inspect(absolute_path(path), profile=options.get("profile")))
 
     def _do_Stage(self, path: str, options: dict) -> str:
+        # A boot entry (option `entry`) is staged with an empty path; only the options
+        # given are passed on, so an engine without boot entries keeps working.
+        by_entry = {k: options[k] for k in ("entry", "if_auto_stage") if k in options}
         return self.engine.stage(
-            absolute_path(path), profile=options.get("profile"), method=options.get("method"),
+            "" if "entry" in options and not path else absolute_path(path),
+            profile=options.get("profile"), method=options.get("method"),
             cmdline=options.get("cmdline"), append=tuple(options.get("append", ())),
-            loader=options.get("loader"))
+            loader=options.get("loader"), **by_entry)
 
     def _do_Relaunch(self, options: dict) -> str:
         return self.engine.relaunch(force=options.get("force", False),
@@ -475,8 +481,8 @@ class Service:
     def _do_Rehearse(self, _options: dict) -> dict:
         return to_vardict(self.engine.rehearse())
 
-    def _do_Cancel(self, _options: dict) -> None:
-        self.engine.cancel()
+    def _do_Cancel(self, options: dict) -> None:
+        self.engine.cancel(**{k: options[k] for k in ("if_entry", "if_kernel") if k in options})
 
     def _do_GetHistory(self, options: dict) -> list:
         limit = options.get("limit", 50)

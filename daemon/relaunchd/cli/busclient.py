@@ -144,11 +144,21 @@ def _stage(args) -> int:
         options["append"] = list(args.append)
     if args.loader:
         options["loader"] = args.loader
-    # Absolute but not resolved: the daemon applies its own no-symlink rules.
-    path = os.path.abspath(args.image)
+    entry = "next-boot" if getattr(args, "next_boot", False) else getattr(args, "entry", None)
+    if entry is not None:
+        options["entry"] = entry
+        if args.if_auto_stage:
+            options["if_auto_stage"] = True
+        path = ""
+    else:
+        # Absolute but not resolved: the daemon applies its own no-symlink rules.
+        path = os.path.abspath(args.image)
     watch = client.watch()
     try:
         ident = client.call("Stage", path, options=options, interactive=interactive())
+        if not ident:
+            # if_auto_stage, and relaunchd's auto_stage is not next-boot.
+            return _report_not_staged(args)
         if getattr(args, "no_wait", False):
             return _report_stage(args, path, ident, None)
         tty = sys.stderr.isatty() and not args.json
@@ -171,7 +181,7 @@ def _stage(args) -> int:
                                   + (f"; {staged['id']} stays staged" if staged else "")})
             line = progress_line(props.get("Progress") or {})
             if tty and line and line != last_line:
-                sys.stderr.write(f"\rstaging {args.image}: {line}   ")
+                sys.stderr.write(f"\rstaging {args.image or entry}: {line}   ")
                 sys.stderr.flush()
                 last_line = line
             changes = watch.next(POLL)
@@ -186,13 +196,24 @@ def _stage(args) -> int:
         watch.close()
 
 
-def _report_stage(args, path: str, ident: str, staged: dict | None) -> int:
+def _report_not_staged(args) -> int:
+    reason = "relaunchd's configuration has auto_stage off: nothing staged"
     if args.json:
-        print_json({"id": ident, "path": path, "staged": staged})
-    elif staged is None:
-        print(f"{args.image}: staging started, id {ident}")
+        print_json({"id": None, "staged": None, "auto_stage": False, "reason": reason})
     else:
-        print(f"{args.image}: staged, id {ident}")
+        print(reason)
+    return EXIT_OK
+
+
+def _report_stage(args, path: str, ident: str, staged: dict | None) -> int:
+    what = args.image or (staged or {}).get("entry", {}).get("id") or "boot entry"
+    if args.json:
+        print_json({"id": ident, "path": (staged or {}).get("path") or path or None,
+                    "staged": staged})
+    elif staged is None:
+        print(f"{what}: staging started, id {ident}")
+    else:
+        print(f"{what}: staged, id {ident}")
         for line in show_value({k: v for k, v in staged.items() if k not in ("id", "path")}):
             print(line)
     return EXIT_OK

@@ -9,21 +9,46 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from relaunchd.cli import EXIT_OK
 from relaunchd.cli.output import human_size, print_json, progress_printer
-from relaunchd.engine.config import Config, TrustConfig, TxtConfig
+from relaunchd.engine.config import BootEntriesConfig, Config, TrustConfig, TxtConfig
 from relaunchd.errors import InvalidArgument
 from relaunchd.platform.image_files import DEFAULT_IMAGE_DIRS
+
+if TYPE_CHECKING:
+    from relaunchd.platform.boot_entries import ListedEntry
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "stage", help="verify a UKI and load it for the next relaunch",
+        "stage", help="verify a UKI or boot entry and load it for the next relaunch",
         description="Copy IMAGE into sealed memory, verify its signature, build the kernel, "
                     "initrd and command line as systemd-stub would, and load them with "
-                    "kexec_file_load (or write them out with --dry-run).")
-    parser.add_argument("image", metavar="IMAGE")
+                    "kexec_file_load (or write them out with --dry-run). With --next-boot "
+                    "or --entry, stage a boot loader entry as the boot loader would boot "
+                    "it instead.")
+    parser.add_argument("image", metavar="IMAGE", nargs="?")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--next-boot", action="store_true",
+                       help="stage the boot loader entry the boot loader would boot next "
+                            "(one-shot, default, loader.conf, first entry)")
+    which.add_argument("--entry", metavar="ID",
+                       help="stage this boot loader entry (its id or kernel-install "
+                            "name, any case; see `relaunchctl images`)")
+    parser.add_argument("--if-auto-stage", action="store_true",
+                        help="with --next-boot, through relaunchd: stage only if its "
+                             "configuration says auto_stage: next-boot, else stage nothing "
+                             "(the kernel-install plugin)")
+    parser.add_argument("--allow-unsigned-initrd", action="store_true",
+                        help="local: stage a Type #1 entry although its initrd and options "
+                             "are signed by no one (trust.allow_unsigned_initrd)")
+    parser.add_argument("--esp", metavar="DIR",
+                        help="local: the ESP's mount point (default: found as bootctl "
+                             "finds it)")
+    parser.add_argument("--xbootldr", metavar="DIR",
+                        help="local: the XBOOTLDR partition's mount point")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--dry-run", action="store_true",
                         help="build and verify everything but load nothing")
@@ -85,16 +110,38 @@ def register(subparsers) -> None:
 
 
 LOCAL_ONLY = ("dry_run", "output", "sinit_acm", "dl_handler", "cert", "insecure_allow_unsigned",
-              "image_dir", "follow_symlinks", "no_addons", "boot_partition")
+              "image_dir", "follow_symlinks", "no_addons", "boot_partition",
+              "allow_unsigned_initrd", "esp", "xbootldr")
+
+
+def entry_of(args: argparse.Namespace) -> str | None:
+    """The boot entry asked for (engine.stage_request.NEXT_BOOT or an id), checking that
+    exactly one of IMAGE, --next-boot, --entry is given."""
+    entry = "next-boot" if args.next_boot else args.entry
+    if (entry is None) == (args.image is None):
+        raise InvalidArgument("name what to stage: IMAGE, --next-boot or --entry ID "
+                              "(exactly one)")
+    if args.if_auto_stage and not args.next_boot:
+        raise InvalidArgument("--if-auto-stage goes with --next-boot")
+    return entry
 
 
 def run_stage(args: argparse.Namespace) -> int:
+    entry = entry_of(args)
     local = args.local or args.root != "/" or any(getattr(args, o) for o in LOCAL_ONLY)
+    if args.if_auto_stage and local:
+        raise InvalidArgument("--if-auto-stage asks relaunchd's configuration (auto_stage); "
+                              "it cannot be combined with local staging options")
     if not local:
         from relaunchd.cli import busclient
 
         if busclient.daemon_available():
             return busclient.stage(args)
+        if args.if_auto_stage:
+            from relaunchd.errors import NoDaemon
+
+            raise NoDaemon("relaunchd is not reachable; --if-auto-stage asks its "
+                           "configuration")
     if args.output and not args.dry_run:
         raise InvalidArgument("--output needs --dry-run")
     from relaunchd.engine.stage_request import StageRequest, stage_options
@@ -104,15 +151,25 @@ def run_stage(args: argparse.Namespace) -> int:
     # configuration made of these flags. The certificates load (and cryptography
     # imports) on a second thread while the image is copied (staging._Preload).
     request = StageRequest(
-        path=os.path.abspath(args.image), profile=args.profile,
+        path=os.path.abspath(args.image) if args.image is not None else "",
+        profile=args.profile,
         method=args.method or "kexec", cmdline=args.cmdline, append=tuple(args.append),
         loader=args.loader, allow_unsigned=args.insecure_allow_unsigned,
         follow_symlinks=args.follow_symlinks, addons=not args.no_addons,
-        boot_partition=args.boot_partition)
-    options = stage_options(local_config(args), request, best_method=None, trusted=None)
-    show = progress_printer(f"staging {args.image}")
-    staged = staging.prepare(request.path, options,
-                             progress=(lambda _step, d, t: show(d, t)) if show else None)
+        boot_partition=args.boot_partition, entry=entry)
+    config = local_config(args)
+    options = stage_options(config, request, best_method=None, trusted=None)
+    listed = local_entry(config, entry) if entry is not None else None
+    what = args.image if listed is None else f"boot entry {listed.id}"
+    show = progress_printer(f"staging {what}")
+    progress = (lambda _step, d, t: show(d, t)) if show else None
+    if listed is None:
+        staged = staging.prepare(request.path, options, progress=progress)
+    else:
+        from relaunchd.launch import entry_staging
+
+        staged = entry_staging.prepare(listed, options, progress=progress,
+                                       allow_unsigned_parts=config.trust.allow_unsigned_initrd)
     try:
         written: list[str] = []
         if args.dry_run:
@@ -123,11 +180,18 @@ def run_stage(args: argparse.Namespace) -> int:
         plan = staged.plan()
         plan["loaded"] = not args.dry_run
         plan["written"] = written
+        if listed is not None:
+            plan["entry"] = listed.staged_record()
         if args.json:
             print_json(plan)
         else:
             verb = "verified (dry run, nothing loaded)" if args.dry_run else "staged"
-            print(f"{args.image}: {verb}, id {staged.id}")
+            print(f"{what}: {verb}, id {staged.id}")
+            if listed is not None:
+                record = plan["entry"]
+                print(f"  entry    {record['path']} ({record['type']}; signed: "
+                      f"{', '.join(record['signed'])}; signed by no one: "
+                      f"{', '.join(record['unsigned']) or 'nothing'})")
             print(f"  kernel   {human_size(staged.kernel.size)}  sha256 {staged.kernel.sha256}")
             if staged.initrd:
                 print(f"  initrd   {human_size(staged.initrd.size)}  sha256 "
@@ -156,12 +220,34 @@ def run_stage(args: argparse.Namespace) -> int:
 
 def local_config(args: argparse.Namespace) -> Config:
     """The configuration a local stage runs under: the defaults, with the flags' root,
-    image directories, trust and TXT inputs."""
+    image directories, trust, boot partitions and TXT inputs."""
     txt = TxtConfig(sinit_acm=args.sinit_acm,
                     dl_handler=args.dl_handler or TxtConfig.dl_handler)
     return Config(root=args.root,
                   image_dirs=tuple(args.image_dir) or DEFAULT_IMAGE_DIRS,
-                  trust=TrustConfig(certificates=tuple(args.cert)), txt=txt)
+                  trust=TrustConfig(certificates=tuple(args.cert),
+                                    allow_unsigned_initrd=args.allow_unsigned_initrd),
+                  boot_entries=BootEntriesConfig(esp=args.esp, xbootldr=args.xbootldr),
+                  txt=txt)
+
+
+def local_entry(config: Config, entry: str) -> ListedEntry:
+    """The boot entry a local stage names, checked as the daemon checks it
+    (engine.stage_request.checked_entry), its UKI under the image policy."""
+    from relaunchd.engine.stage_request import checked_entry
+    from relaunchd.formats.boot_entries import TYPE2
+    from relaunchd.launch import entry_staging
+    from relaunchd.platform import boot_entries, image_files
+    from relaunchd.platform.sysroot import SysRoot
+
+    root = SysRoot(config.root)
+    listing = boot_entries.list_entries(root, esp=config.boot_entries.esp,
+                                        xbootldr=config.boot_entries.xbootldr)
+    listed = checked_entry(config, listing, entry)
+    if listed.entry.type == TYPE2:
+        image_files.check_location(entry_staging.uki_path(root, listed),
+                                   image_files.ImagePolicy(tuple(config.image_dirs)))
+    return listed
 
 
 def run_unload(args: argparse.Namespace) -> int:

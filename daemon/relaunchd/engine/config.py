@@ -30,6 +30,7 @@ DEFAULT_PATH = "/etc/relaunchd/relaunchd.yaml"
 LAUNCH_METHODS = ("auto", *launch_names.NAMES)
 LOADERS = ("file", "segments")
 FALLBACKS = ("none", "reboot")
+AUTO_STAGE = ("off", "next-boot")
 PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 DRIVER_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 PCI_CLASS = re.compile(r"^(?:0x)?(?:[0-9a-f]{2}){1,3}$")
@@ -102,6 +103,13 @@ def _device_selectors(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _auto_stage(value: str | bool) -> str | None:
+    # YAML 1.1 reads a bare `off` as false: that is the documented value, not a mistake.
+    if value is False or value in AUTO_STAGE:
+        return None
+    return f"must be one of {', '.join(AUTO_STAGE)}, not {value!r}"
+
+
 def _check(fn: Check) -> dict[str, Check]:
     return {"check": fn}
 
@@ -112,6 +120,9 @@ def _check(fn: Check) -> dict[str, Check]:
 class TrustConfig:
     certificates: tuple[str, ...] = field(default=(), metadata=_check(_absolute))
     uefi_db: bool = False
+    # A Type #1 boot entry's initrd and options are signed by no one (only its kernel
+    # is): staging one needs this, and the refusal names it.
+    allow_unsigned_initrd: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class BootEntriesConfig:
+    """Where the boot loader entries are (platform paths, read below `root`); null: found
+    as bootctl finds them (platform.boot_partition)."""
+
+    esp: str | None = field(default=None, metadata=_check(_absolute))
+    xbootldr: str | None = field(default=None, metadata=_check(_absolute))
+
+
+@dataclass(frozen=True)
 class CmdlineConfig:
     append: tuple[str, ...] = ()
     id_argument: bool = True
@@ -168,6 +188,10 @@ class Config:
     runtime_dir: str = field(default="/run/relaunchd", metadata=_check(_absolute))
     image_dirs: tuple[str, ...] = field(default=DEFAULT_IMAGE_DIRS,
                                         metadata=_check(_absolute))
+    # "next-boot": `Stage` with `if_auto_stage` (the kernel-install plugin) stages the
+    # entry the boot loader would boot next; "off": it stages nothing.
+    auto_stage: str | bool = field(default="off", metadata=_check(_auto_stage))
+    boot_entries: BootEntriesConfig = field(default_factory=BootEntriesConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     txt: TxtConfig = field(default_factory=TxtConfig)
@@ -181,6 +205,10 @@ class Config:
     # key path ("trust.certificates[1]") → line in the file, for errors found after reading
     key_lines: dict[str, int] = field(default_factory=dict, compare=False,
                                       metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        if self.auto_stage is False:          # `auto_stage: off` unquoted, as YAML reads it
+            object.__setattr__(self, "auto_stage", "off")
 
     def to_json(self) -> dict[str, Any]:
         """The file's keys and values (tuples as lists), for `--check-config`."""

@@ -161,12 +161,14 @@ class Engine:
 
     def stage(self, path: str, *, profile: int | None = None, method: str | None = None,
               cmdline: str | None = None, append: tuple[str, ...] | list[str] = (),
-              loader: str | None = None) -> str:
+              loader: str | None = None, entry: str | None = None,
+              if_auto_stage: bool = False) -> str:
         return self._stager.stage(path, profile=profile, method=method, cmdline=cmdline,
-                                  append=append, loader=loader)
+                                  append=append, loader=loader, entry=entry,
+                                  if_auto_stage=if_auto_stage)
 
-    def cancel(self) -> None:
-        self._stager.cancel()
+    def cancel(self, *, if_entry: str | None = None, if_kernel: str | None = None) -> None:
+        self._stager.cancel(if_entry=if_entry, if_kernel=if_kernel)
 
     def relaunch(self, *, force: bool = False, immediate: bool = False,
                  fallback: str | None = None) -> str:
@@ -362,4 +364,7 @@ def _staged_json(record: state.StagedRecord | None) -> dict:
     return {"id": record.id, "path": record.path, "method": record.method,
             "loader": record.loader, "kernel_sha256": record.kernel_sha256,
             "initrd_sha256": record.initrd_sha256 or "", "cmdline": record.cmdline,
-            "staged_at": record.staged_at, "quiesce": copy.deepcopy(record.quiesce)}
+            "staged_at": record.staged_at, "quiesce": copy.deepcopy(record.quiesce),
+            # From a boot entry: which one, and what its signature covers.
+            **({"entry": dict(record.entry), "signed": list(record.signed),
+                "unsigned": list(record.unsigned)} if record.entry else {})}

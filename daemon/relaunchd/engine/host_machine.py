@@ -20,8 +20,9 @@ from typing import Any
 from relaunchd.engine.machine import BootFacts, Progress
 from relaunchd.errors import InvalidArgument, InvalidImage, KexecFailed, RelaunchError
 from relaunchd.formats import uki
-from relaunchd.launch import assessment, staging
+from relaunchd.launch import assessment, entry_staging, staging
 from relaunchd.platform import image_files, inhibitors, quiesce, tpm, tpm_extend_log
+from relaunchd.platform.boot_entries import ListedEntry, Listing, list_entries
 from relaunchd.platform.readiness import ProbeConfig
 from relaunchd.platform.sysroot import SysRoot
 from relaunchd.platform.sysroot_writer import FailAt, SysWriter
@@ -128,6 +129,19 @@ class HostMachine:
 
     def check_location(self, path: str, policy: image_files.ImagePolicy) -> None:
         image_files.check_location(path, policy)
+
+    # ------------------------------------------------------------ boot loader entries
+
+    def boot_entries(self, *, esp: str | None, xbootldr: str | None,
+                     trusted: list | None) -> Listing:
+        return list_entries(self.root, esp=esp, xbootldr=xbootldr,
+                                         trusted=trusted)
+
+    def prepare_entry(self, listed: ListedEntry, options: staging.StageOptions,
+                      *, allow_unsigned_parts: bool,
+                      progress: Progress | None = None) -> staging.StagedImage:
+        return entry_staging.prepare(listed, options, allow_unsigned_parts=allow_unsigned_parts,
+                                     progress=progress)
 
     # ------------------------------------------------------------ kexec image
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from relaunchd.launch.assessment import Report
     from relaunchd.launch.staging import StagedImage, StageOptions
+    from relaunchd.platform.boot_entries import ListedEntry, Listing
     from relaunchd.platform.image_files import ImagePolicy
     from relaunchd.platform.quiesce import (
         ExecuteReport,
@@ -62,6 +63,20 @@ class Machine(Protocol):
 
     def check_location(self, path: str, policy: ImagePolicy) -> None:
         """InvalidImage unless `path` may be staged under `policy`."""
+
+    # ------------------------------------------------------------ boot loader entries
+    def boot_entries(self, *, esp: str | None, xbootldr: str | None,
+                     trusted: list | None) -> Listing:
+        """The boot loader's entries as systemd-boot would see them, in its order, the
+        default and the next boot marked (esp/xbootldr: platform paths; None: found as
+        bootctl finds them); with `trusted`, each kernel's signature verdict too (None:
+        nothing is hashed)."""
+
+    def prepare_entry(self, listed: ListedEntry, options: StageOptions, *,
+                      allow_unsigned_parts: bool,
+                      progress: Progress | None = None) -> StagedImage:
+        """`prepare` for a listed entry: a Type #2 entry's UKI as any UKI, a Type #1
+        entry's kernel, initrds and options (launch.entry_staging)."""
 
     # ------------------------------------------------------------ kexec image
     def kexec_loaded(self) -> bool | None:

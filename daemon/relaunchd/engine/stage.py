@@ -35,7 +35,12 @@ from relaunchd.engine import state
 from relaunchd.engine.last_error import as_error, error_json
 from relaunchd.engine.progress import idle, progress_of
 from relaunchd.engine.relaunch import plan_summary
-from relaunchd.engine.stage_request import StageRequest, stage_options
+from relaunchd.engine.stage_request import (
+    NEXT_BOOT,
+    StageRequest,
+    checked_entry,
+    stage_options,
+)
 from relaunchd.errors import (
     Busy,
     InvalidArgument,
@@ -45,8 +50,10 @@ from relaunchd.errors import (
     RelaunchError,
     VerificationFailed,
 )
-from relaunchd.launch import registry, staging
+from relaunchd.formats.boot_entries import TYPE2
+from relaunchd.launch import entry_staging, registry, staging
 from relaunchd.platform import quiesce
+from relaunchd.platform.boot_entries import ListedEntry, staged_entry_matches
 
 if TYPE_CHECKING:
     from relaunchd.engine.core import Engine
@@ -82,11 +89,24 @@ class Stager:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._cancel = threading.Event()
+        self._staging_entry: dict[str, Any] = {}    # the entry being staged (under lock)
 
     def stage(self, path: str, *, profile: int | None = None, method: str | None = None,
               cmdline: str | None = None, append: tuple[str, ...] | list[str] = (),
-              loader: str | None = None) -> str:
+              loader: str | None = None, entry: str | None = None,
+              if_auto_stage: bool = False) -> str:
+        """Start staging `path`, or the boot loader entry `entry` (path ""); the relaunch
+        id. `if_auto_stage` (the kernel-install plugin): only if the configuration's
+        `auto_stage` is next-boot, else stage nothing and return ""."""
         engine = self.engine
+        if if_auto_stage:
+            if entry is None:
+                raise InvalidArgument("if_auto_stage applies to staging a boot entry "
+                                      f"(entry {NEXT_BOOT!r})")
+            if engine.config.auto_stage != NEXT_BOOT:
+                log.info("not staging boot entry %s: auto_stage is %s", entry,
+                         engine.config.auto_stage)
+                return ""
         engine.begin_operation()
         started = False
         try:
@@ -96,23 +116,29 @@ class Stager:
             if isinstance(append, str):
                 raise InvalidArgument("append is a list of kernel arguments, not a string")
             request = StageRequest(path=path, profile=profile, method=method,
-                                   cmdline=cmdline, append=tuple(append), loader=loader)
+                                   cmdline=cmdline, append=tuple(append), loader=loader,
+                                   entry=entry)
             options = self._options(request)
+            listed = self._entry(entry, options) if entry is not None else None
+            if listed is not None:            # history and logs name the entry's file
+                path = listed.path(listed.entry.source) or listed.id
             previous = None
             if current == "staged" and engine.record is not None:
                 # Not dropped: it stays loaded and recorded until the new one replaces it.
                 previous = Previous(engine.record, engine.staged,
                                     engine.store.load_runtime(state.QUIESCE_PLAN))
             self._cancel.clear()
-            worker = threading.Thread(target=self._work, args=(path, options, previous),
+            worker = threading.Thread(target=self._work, args=(path, options, previous, listed),
                                       name="relaunchd-stage", daemon=True)
             with engine.lock:
                 engine.worker = worker
+                self._staging_entry = listed.staged_record() if listed is not None else {}
             engine.transition(state="staging", last_error={},
                               progress=progress_of("checking", 0, 0))
-            log.info("staging %s as %s (method %s%s)", path, options.relaunch_id,
-                     options.method, f"; {previous.record.id} stays staged until then"
-                     if previous else "")
+            log.info("staging %s%s as %s (method %s%s)", path,
+                     f" (boot entry {listed.id})" if listed is not None else "",
+                     options.relaunch_id, options.method,
+                     f"; {previous.record.id} stays staged until then" if previous else "")
             worker.start()
             started = True
             return options.relaunch_id
@@ -121,6 +147,21 @@ class Stager:
                 with engine.lock:
                     engine.worker = None
                 engine.release_operation()
+
+    def _entry(self, name: str, options: staging.StageOptions) -> ListedEntry:
+        """The boot loader entry `name` names, checked before any work: it exists, the
+        loader would show it, relaunchd can stage it, its unsigned parts are allowed, and
+        a UKI lies where the image policy allows. Its signature is checked by staging, on
+        the sealed copy (the listing does not hash anything here)."""
+        config = self.engine.config
+        listing = self.engine.machine.boot_entries(esp=config.boot_entries.esp,
+                                                   xbootldr=config.boot_entries.xbootldr,
+                                                   trusted=None)
+        listed = checked_entry(config, listing, name)
+        if listed.entry.type == TYPE2:
+            self.engine.machine.check_location(entry_staging.uki_path(options.root, listed),
+                                               options.policy)
+        return listed
 
     def _options(self, request: StageRequest) -> staging.StageOptions:
         engine, config = self.engine, self.engine.config
@@ -138,18 +179,25 @@ class Stager:
             raise VerificationFailed("no trusted certificates configured (trust.certificates "
                                      "in the configuration); refusing to stage")
         options = stage_options(config, request, best_method=best, trusted=trusted)
-        # InvalidImage now, not from the worker.
-        engine.machine.check_location(request.path, options.policy)
+        if request.entry is None:
+            # InvalidImage now, not from the worker.
+            engine.machine.check_location(request.path, options.policy)
         return options
 
     def _work(self, path: str, options: staging.StageOptions,
-              previous: Previous | None) -> None:
+              previous: Previous | None, listed: ListedEntry | None = None) -> None:
         engine = self.engine
         staged = None
         new_loaded = False          # the new image has (or may have) replaced what was loaded
         try:
             engine.set_progress("verifying", 0, 0, force=True)
-            staged = engine.machine.prepare(path, options, self._on_progress)
+            if listed is None:
+                staged = engine.machine.prepare(path, options, self._on_progress)
+            else:
+                staged = engine.machine.prepare_entry(
+                    listed, options,
+                    allow_unsigned_parts=engine.config.trust.allow_unsigned_initrd,
+                    progress=self._on_progress)
             self._check_cancel()
             # Everything that can fail without touching the kernel comes first.
             digests = engine.machine.digests(staged, engine.config.measurement.banks)
@@ -157,6 +205,10 @@ class Stager:
                 quiesce.QuiescePolicy.from_config(engine.config.quiesce))
             record = dataclasses.replace(record_for(staged), digests=digests,
                                          quiesce=plan_summary(plan))
+            if listed is not None:
+                entry = listed.staged_record()
+                record = dataclasses.replace(record, entry=entry, signed=entry["signed"],
+                                             unsigned=entry["unsigned"])
             self._check_cancel()
             engine.set_progress("loading", 0, 1, force=True)
             if previous is not None:
@@ -182,7 +234,8 @@ class Stager:
             engine.store.save_runtime(state.QUIESCE_PLAN,
                                       {"id": staged.id, "plan": json.loads(plan.to_json())})
             engine.store.save_staged(record)
-            detail = {"path": path, "method": record.method,
+            detail = {"path": record.path, "method": record.method,
+                      **({"entry": record.entry["id"]} if record.entry else {}),
                       **({"replaced": previous.record.id} if previous else {})}
             # History before the final transition: once it is visible, the next operation
             # may start and must find its entry after this one.
@@ -196,6 +249,7 @@ class Stager:
                 engine.staged, engine.record = staged, record
                 if previous is not None and previous.memory is not None:
                     previous.memory.close()          # replaced for good: release its memfds
+                self._staging_entry = {}
                 changed = engine.update(state="staged", progress=progress_of("staged", 1, 1, 100))
                 engine.end_operation()
             engine.emit(changed)
@@ -211,6 +265,7 @@ class Stager:
             engine.record_history("cancelled", options.relaunch_id,
                                   {"path": path, **_history_of(previous, outcome)})
             with engine.lock:
+                self._staging_entry = {}
                 changed = engine.update(state=_state_after(previous, outcome,
                                                            "failed" if lost else "idle"),
                                         progress=_progress_after(previous, outcome), **lost)
@@ -230,6 +285,7 @@ class Stager:
                                   {"path": path, "error": error.name, "message": message,
                                    **_history_of(previous, outcome)})
             with engine.lock:
+                self._staging_entry = {}
                 changed = engine.update(state=_state_after(previous, outcome, "failed"),
                                         progress=_progress_after(previous, outcome),
                                         last_error=shown)
@@ -323,14 +379,29 @@ class Stager:
             if self.engine.state == "staging":
                 self._cancel.set()
 
-    def cancel(self) -> None:
-        """Staging: stop it and return once the worker has undone what it did (State
-        idle); a worker held up in the kernel longer than CANCEL_WAIT leaves State
-        `staging` with step `cancelling`, and it ends in idle on its own. Staged: unload
-        now, idle."""
+    def cancel(self, *, if_entry: str | None = None, if_kernel: str | None = None) -> None:
+        """Staging: stop it and return once the worker has undone what it did (State idle,
+        or staged for an image staged before it); a worker held up in the kernel longer
+        than CANCEL_WAIT leaves State `staging` with step `cancelling`, and it ends on its
+        own. Staged: unload now, idle.
+
+        `if_entry`/`if_kernel` (the kernel-install plugin, when it removes a kernel): only
+        if what is staged (or being staged) came from that boot entry (id or
+        kernel-install name) or runs that kernel release; otherwise NotStaged, and
+        nothing changes."""
         engine = self.engine
+        filtered = if_entry is not None or if_kernel is not None
+
+        def matches(entry: dict[str, Any]) -> None:
+            if filtered and not (entry and staged_entry_matches(entry, entry=if_entry,
+                                                                kernel=if_kernel)):
+                wanted = " or ".join(f"{what} {value!r}" for what, value in
+                                     (("entry", if_entry), ("kernel", if_kernel)) if value)
+                raise NotStaged(f"nothing from {wanted} is staged")
+
         with engine.lock:
             if engine.state == "staging":
+                matches(self._staging_entry)
                 first = not self._cancel.is_set()
                 self._cancel.set()
                 changed = engine.update(progress={**engine.progress, "step": "cancelling"}) \
@@ -348,6 +419,7 @@ class Stager:
                 raise Busy(f"a relaunch is under way (state {current}); it cannot be cancelled")
             if current != "staged":
                 raise NotStaged("nothing is staged")
+            matches(engine.record.entry if engine.record else {})
             record_id = engine.record.id if engine.record else None
             self.drop_staged("cancelled")
             engine.transition(state="idle", progress=idle())

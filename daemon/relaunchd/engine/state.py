@@ -111,6 +111,11 @@ class StagedRecord(_Record):
     predictions: dict = field(default_factory=dict)   # PCR 11 per bank, from staging
     digests: dict = field(default_factory=dict)       # item -> bank -> hex, for measuring
     quiesce: dict = field(default_factory=dict)       # summary of the quiesce plan
+    # The boot loader entry it was staged from (platform.boot_entries'
+    # ListedEntry.staged_record); empty for an image staged by path.
+    entry: dict = field(default_factory=dict)
+    signed: list = field(default_factory=lambda: ["image"])   # what a verified signature covers
+    unsigned: list = field(default_factory=list)              # staged parts no one signed
 
 
 @dataclass(frozen=True)

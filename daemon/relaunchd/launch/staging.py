@@ -110,7 +110,7 @@ class StagedImage:
     id: str
     source: str
     method: str
-    report: ImageReport
+    report: ImageReport | None       # None: not a UKI (a Type #1 boot entry, entry_staging)
     image: SealedPart
     kernel: SealedPart
     initrd: SealedPart | None
@@ -132,20 +132,20 @@ class StagedImage:
     def plan(self) -> dict:
         """What `plan.json` records: every artefact with size and digest, the
         method, the PCR 11 predictions of the image."""
-        report = self.report.to_json()
+        report = self.report.to_json() if self.report is not None else {}
         return {
             "id": self.id,
             "source": self.source,
             "method": self.method,
-            "profile": report["profile"],
+            "profile": report.get("profile"),
             "image": {"size": self.image.size},
             "kernel": {"size": self.kernel.size, "sha256": self.kernel.sha256},
             "initrd": ({"size": self.initrd.size, "sha256": self.initrd.sha256,
                         "parts": self.initrd_parts} if self.initrd else None),
             "cmdline": self.cmdline.text,
-            "signature": report["signature"],
-            "pcr11": report["pcr11"],
-            "pcr11_phases": report["pcr11_phases"],
+            "signature": report.get("signature"),
+            "pcr11": report.get("pcr11"),
+            "pcr11_phases": report.get("pcr11_phases"),
             "loader": self.loader,
             "segments": self.segment_plan.to_json() if self.segment_plan else None,
             "slrt": ({"address": self.segment_plan.slrt_address, "size": len(self.slrt),

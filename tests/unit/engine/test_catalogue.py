@@ -19,7 +19,7 @@ from support.fakes import FakeMachine
 def test_list_images_reports_invalid(env):
     engine = env.engine()
     (env.tmp / "images" / "notes.txt").write_text("ignored")
-    images = engine.list_images()
+    images = [e for e in engine.list_images() if e["kind"] == "image"]
     assert len(images) == 1
     entry = images[0]
     assert entry["path"] == env.image and entry["size"] > 0 and "mtime" in entry
@@ -69,7 +69,7 @@ def test_list_images_describes_what_the_machine_finds_in_the_configured_director
     for d, name in ((tmp_path / "b", "2.efi"), (tmp_path / "a", "1.efi")):
         (d / name).write_bytes(b"MZ")
     machine = Recorder()
-    listed = Catalogue(cfg, machine).list_images()
+    listed = [e for e in Catalogue(cfg, machine).list_images() if e["kind"] == "image"]
     assert [e["path"] for e in listed] == [str(tmp_path / "a/1.efi"), str(tmp_path / "b/2.efi")]
     assert machine.asked[0] == ("find", cfg.image_dirs)
     assert [a[0] for a in machine.asked[1:]] == ["describe", "describe"]
