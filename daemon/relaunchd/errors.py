@@ -121,3 +121,9 @@ class RelaunchAborted(RelaunchError):
     """A relaunch ended before the hand-off (refused, interrupted, or the daemon was killed)."""
 
     name = "RelaunchAborted"
+
+
+class InvalidDlHandler(RelaunchError):
+    """A DL handler binary whose header or parameter block relaunchd cannot use."""
+
+    name = "InvalidDlHandler"
