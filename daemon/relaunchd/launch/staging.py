@@ -71,7 +71,8 @@ class StageOptions:
     root: SysRoot = field(default_factory=SysRoot)
     loader: str | None = None            # "file" | "segments"; None: by method
     sinit_acm: str | None = None         # TXT inputs (config), read when the method needs them
-    dl_handler: str | None = None
+    dl_handler: str | None = None        # None: the installed one (launch/dl_handler.py)
+    require_drtm: bool = False           # launch.require_drtm: the handler resets, not returns
     addons: bool = True                  # apply add-ons as systemd-stub would (addons.py)
     boot_partition: str | None = None    # where loader/addons/ is; None: the image's mount
 
@@ -113,6 +114,7 @@ class StagedImage:
     drtm_seal_pcr: int | None = None     # segment loader: the SLRT policy's sealing PCR
     drtm_events: list = field(default_factory=list)   # slrt.PredictedEvent, policy order
     addons: list[dict] = field(default_factory=list)  # addons.describe(): what was applied
+    dl_handler: dict | None = None       # txt: {"path", "sha256"} of the handler file
 
     def close(self) -> None:
         for blob in (self.image, self.kernel, self.initrd):
@@ -146,8 +148,19 @@ class StagedImage:
                  "digests": {bank: value.hex() for bank, value in e.digests.items()}}
                 for e in self.drtm_events]} if self.drtm_seal_pcr is not None else None),
             "addons": self.addons,
+            "dl_handler": self._dl_handler_plan(),
             "notes": self.notes + self.cmdline.notes,
         }
+
+
+    def _dl_handler_plan(self) -> dict | None:
+        """The TXT DL handler: the file's SHA-256 (what the PCR 23 log should name) and
+        the staged segment (parameter block filled in)."""
+        if self.dl_handler is None or self.segment_plan is None:
+            return None
+        seg = self.segment_plan.segment("dl-handler")
+        return {**self.dl_handler, "address": seg.address, "memsz": seg.memsz,
+                "entry": self.dl_handler["entry_offset"] + seg.address}
 
 
 def prepare(path: str, options: StageOptions,
@@ -250,6 +263,11 @@ def prepare(path: str, options: StageOptions,
                 FileRange(initrd_blob.fd, 0, initrd_blob.size) if initrd_blob else None,
                 line.nul_terminated, options.root, inputs)
             staged.slrt = content.table
+            if inputs.txt is not None:
+                staged.dl_handler = {"path": options.dl_handler or dl_handler_installed(),
+                                     "sha256": inputs.txt.handler_sha256,
+                                     "size": len(inputs.txt.handler.data),
+                                     "entry_offset": inputs.txt.handler.header.entry_offset}
             # What a Secure Launch kernel will extend into the sealing PCR, from our
             # own SLRT policy; the next boot checks the DRTM log against it.
             staged.drtm_seal_pcr = content.seal_pcr
@@ -257,7 +275,7 @@ def prepare(path: str, options: StageOptions,
                 content, cmdline=line.nul_terminated,
                 initrd_digests={"sha256": bytes.fromhex(initrd_blob.sha256)}
                 if initrd_blob else None)
-            if inputs.dce is None:
+            if inputs.txt is None:
                 staged.notes.append(
                     "hand-off rehearsal: no DCE/DL handler, so the SLRT carries no dynamic "
                     "launch; only for a next kernel that is not a Secure Launch kernel")
@@ -301,14 +319,21 @@ def _launch_inputs(options: StageOptions):
     if options.method == "skinit":
         raise NotReady("SKINIT launches are not implemented yet (no Secure Kernel Loader "
                        "hand-off); use --method txt or kexec")
-    if not options.sinit_acm or not options.dl_handler:
-        raise NotReady("the txt method needs a SINIT ACM and a DL handler (config)")
-    with open(options.sinit_acm, "rb") as f:
-        dce = f.read()
-    with open(options.dl_handler, "rb") as f:
-        handler = f.read()
-    return segment_loader.SegmentInputs(dce=dce, dl_handler=handler,
-                                        intel_info=_intel_info(options.root, report))
+    if not options.sinit_acm:
+        raise NotReady("the txt method needs a SINIT ACM (txt.sinit_acm or --sinit-acm)")
+    from relaunchd.launch import dl_handler
+
+    txt = dl_handler.prepare(options.dl_handler or dl_handler.INSTALLED, options.sinit_acm,
+                             dl_handler.platform_ids(report),
+                             require_drtm=options.require_drtm,
+                             rsdp=segment_loader.acpi_rsdp(options.root))
+    return segment_loader.SegmentInputs(txt=txt, intel_info=_intel_info(options.root, report))
+
+
+def dl_handler_installed() -> str:
+    from relaunchd.launch import dl_handler
+
+    return dl_handler.INSTALLED
 
 
 def _intel_info(root: SysRoot, report):
@@ -555,7 +580,8 @@ def loaded(root: SysRoot) -> bool | None:
 
 def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
     """`--dry-run --output DIR`: kernel, initrd, cmdline, plan.json, and for the
-    segment loader slrt.bin and boot_params.bin."""
+    segment loader slrt.bin and boot_params.bin (and for txt dl-handler.bin, the
+    handler as staged: its parameter block filled in)."""
     os.makedirs(directory, exist_ok=True)
     written = []
     for blob in (staged.kernel, staged.initrd):
@@ -570,8 +596,10 @@ def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
         out.write(staged.cmdline.nul_terminated)
     written.append(target)
     if staged.segment_plan is not None:
-        for name, data in (("slrt.bin", staged.slrt), ("boot_params.bin",
-                                                       staged.segment_plan.zero_page)):
+        extra = [("slrt.bin", staged.slrt), ("boot_params.bin", staged.segment_plan.zero_page)]
+        if staged.dl_handler is not None:
+            extra.append(("dl-handler.bin", staged.segment_plan.segment("dl-handler").data))
+        for name, data in extra:
             target = os.path.join(directory, name)
             with open(target, "wb") as out:
                 out.write(data)

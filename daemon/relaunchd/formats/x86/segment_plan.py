@@ -14,8 +14,11 @@ Placement (kexec-load-notes.md, what booted; boot.rst "THE LINUX/x86 BOOT PROTOC
     the kernel sets XLF_CAN_BE_LOADED_ABOVE_4G (then through the ext_* fields);
   * zero page, command line, setup_data chain, EFI memory map and purgatory: one page-rounded
     segment each, below 4 GiB;
-  * extra blobs: at a fixed address when given (e.g. TXT.SINIT.BASE), else anywhere that
-    meets their alignment and below-4-GiB constraint.
+  * extra blobs: at a fixed address when given (e.g. TXT.SINIT.BASE), directly below the
+    kernel when asked (the TXT MLE page tables, which SINIT wants adjacent to the MLE:
+    tboot and GRUB place them so), else anywhere that meets their alignment and
+    below-4-GiB constraint. A blob whose bytes depend on where things went (the DL
+    handler's parameter block) is filled in after placement, like the SLRT.
 Every placement is checked against the map by `memmap` (the kernel does not, pitfall 4).
 
 The SLRT travels in a relaunchd setup_data node (bootparams.SETUP_RELAUNCHD_SLRT), and
@@ -101,6 +104,10 @@ class Blob:
     below_4g: bool = True
     address: int | None = None   # fixed physical address (e.g. TXT.SINIT.BASE), else placed
     reserve: bool = False        # hand it to the next kernel as e820 "Reserved"
+    below_kernel: bool = False   # end exactly where the kernel segment starts
+    # Bytes that depend on the addresses ({segment name: (address, memsz)}, "slrt" and
+    # "slrt-table" included), called after placement; must return len(data) bytes.
+    fill: Callable[[Mapping[str, tuple[int, int]]], bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -207,9 +214,10 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
                   slrt: bytes | SlrtBuilder | None = None,
                   extras: Sequence[Blob] = (),
                   facts: BootFacts | None = None,
-                  cli: bool = True) -> SegmentPlan:
+                  cli: bool = True, kernel_below_4g: bool = False) -> SegmentPlan:
     """Place everything and build the zero page; raises InvalidKernel, InvalidArgument or
-    memmap.NoRoom naming what does not work."""
+    memmap.NoRoom naming what does not work. `kernel_below_4g`: a TXT MLE must lie
+    below 4 GiB whatever the kernel allows (its page tables are 32-bit)."""
     facts = facts or BootFacts()
     header = bp.parse_setup_header(kernel)
     cmdline = normalize_cmdline(cmdline, header)
@@ -235,7 +243,7 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
 
     # 2. The kernel, covering init_size from an aligned base (pitfall 2).
     kernel_size = _page(max(header.init_size, header.kernel_size))
-    kernel_max = None if header.above_4g else low
+    kernel_max = None if header.above_4g and not kernel_below_4g else low
     if header.relocatable:
         placed[KERNEL] = alloc.place(
             KERNEL, kernel_size, align=header.kernel_alignment, min_addr=header.pref_address,
@@ -243,9 +251,13 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
     else:
         placed[KERNEL] = alloc.claim(KERNEL, header.pref_address, kernel_size)
 
-    # 3. Floating blobs.
+    # 3. Floating blobs; those that must sit right below the kernel first.
     for blob in extras:
-        if blob.address is None:
+        if blob.address is None and blob.below_kernel:
+            size = _page(max(blob.memsz, _size(blob.data)))
+            placed[blob.name] = alloc.claim(blob.name, placed[KERNEL].addr - size, size)
+    for blob in extras:
+        if blob.address is None and not blob.below_kernel:
             placed[blob.name] = alloc.place(
                 blob.name, max(blob.memsz, _size(blob.data)), align=blob.align,
                 max_addr=low if blob.below_4g else None)
@@ -308,6 +320,14 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
             nodes[0] = bp.SetupDataNode(bp.SETUP_RELAUNCHD_SLRT,
                                         data + bytes(slrt_size - len(data)))
         setup_bytes, _ = bp.build_setup_data(nodes, base)
+    filled: dict[str, Source] = {}
+    for blob in extras:
+        if blob.fill is not None:
+            data = blob.fill(addresses)
+            if len(data) != _size(blob.data):
+                raise InvalidArgument(f"{blob.name}: filled in {len(data)} bytes, "
+                                      f"{_size(blob.data)} were planned")
+            filled[blob.name] = data
     efi_info = None
     if efi is not None:
         efi_info = bp.EfiInfo(systab=efi.systab, memmap=placed[EFI_MEMMAP].addr,
@@ -337,7 +357,7 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
     segments.append(Segment(PURGATORY, placed[PURGATORY].addr, PAGE, purgatory))
     for blob in extras:
         p = placed[blob.name]
-        segments.append(Segment(blob.name, p.addr, p.size, blob.data))
+        segments.append(Segment(blob.name, p.addr, p.size, filled.get(blob.name, blob.data)))
     if len(segments) > KEXEC_SEGMENT_MAX:
         raise InvalidArgument(
             f"{len(segments)} segments; kexec_load takes at most {KEXEC_SEGMENT_MAX}")
