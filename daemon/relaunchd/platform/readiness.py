@@ -14,11 +14,13 @@ AMD's VM_CR only on CPUs with SVM (drtm.md §3.1, §3.2).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from relaunchd.formats import acm as acmfmt
+from relaunchd.formats import txt_dl_handler
 from relaunchd.platform import tpm as tpmfacts
 from relaunchd.platform import txt_registers as txtregs
 from relaunchd.platform.secure_boot import read_efi_bool, read_lockdown
@@ -366,7 +368,7 @@ def _tpm_pcrs(ctx: _Ctx, config: ProbeConfig) -> None:
 def _intel(ctx: _Ctx, config: ProbeConfig) -> None:
     if ctx.vendor != "GenuineIntel":
         return
-    ctx.add("launch.dl_handler", Read(config.dl_handler, ctx.root.exists(config.dl_handler)))
+    ctx.add("launch.dl_handler", _dl_handler(ctx, config.dl_handler))
     if "smx" not in ctx.flags:
         return   # no SMX: 0xFED30000 is not TXT space and MSR 0x3A says nothing about TXT
     msr = ctx.root.read_at(MSR_DEV, MSR_FEATURE_CONTROL, 8)
@@ -389,6 +391,22 @@ def _intel(ctx: _Ctx, config: ProbeConfig) -> None:
     else:
         ctx.add("txt.registers", regs)
     _acms(ctx, config)
+
+
+def _dl_handler(ctx: _Ctx, path: str) -> Read:
+    """The TXT DL handler: present, and a binary whose header this relaunchd speaks."""
+    raw = ctx.root.read_bytes(path, limit=txt_dl_handler.MAX_IMAGE)
+    if not raw.ok or raw.value is None:
+        if raw.error == NOT_PRESENT:
+            return Read(path, {"present": False})
+        return Read(path, error=raw.error, detail=raw.detail)
+    try:
+        image = txt_dl_handler.parse(raw.value)
+    except txt_dl_handler.InvalidDlHandler as exc:
+        return Read(path, {"present": True, "valid": False, "error": str(exc)})
+    return Read(path, {"present": True, "valid": True, "abi": image.header.abi_version,
+                       "slrt_layout": image.header.slrt_layout,
+                       "sha256": hashlib.sha256(raw.value).hexdigest()})
 
 
 def _acms(ctx: _Ctx, config: ProbeConfig) -> None:
@@ -619,14 +637,30 @@ def _txt_checks(ctx: _Ctx) -> list[Check]:
     if vendor_ok and "smx" in ctx.flags:   # without SMX the rest cannot matter
         out += _iommu_checks(ctx, "DMAR")
         out += _txt_acm(ctx)
-        out.append(Check("dl-handler", True, "DL handler present")
-                   if ctx.value("launch.dl_handler") else
-                   Check("dl-handler-missing", False,
-                         f"no TXT DL handler at {ctx.facts['launch.dl_handler'].path}",
-                         "install relaunchd's DL handler or pass --dl-handler"))
+        out.append(_dl_handler_check(ctx))
     out += _tpm_checks(ctx, "Secure Launch's early TPM driver refuses CRB" if vendor_ok else None)
     out += _drtm_common(ctx)
     return out
+
+
+def _dl_handler_check(ctx: _Ctx) -> Check:
+    fact = ctx.facts["launch.dl_handler"]
+    value = ctx.value("launch.dl_handler")
+    if value is None:
+        return Check("dl-handler-unreadable", None,
+                     f"TXT DL handler unreadable: {ctx.why('launch.dl_handler')}",
+                     "run the check as root")
+    if not value["present"]:
+        return Check("dl-handler-missing", False, f"no TXT DL handler at {fact.path}",
+                     "install the relaunchd package (it ships "
+                     "/usr/lib/relaunchd/txt-dl-handler.bin) or set txt.dl_handler")
+    if not value["valid"]:
+        return Check("dl-handler-invalid", False,
+                     f"{fact.path} is not a DL handler this relaunchd can use: "
+                     f"{value['error']}",
+                     "reinstall the relaunchd package, whose handler matches its daemon")
+    return Check("dl-handler", True, f"DL handler present (ABI {value['abi']}, SLRT layout "
+                 f"v{value['slrt_layout']})")
 
 
 def _txt_hardware(ctx: _Ctx) -> list[Check]:
@@ -712,6 +746,14 @@ def _txt_acm(ctx: _Ctx) -> list[Check]:
 def _skinit_checks(ctx: _Ctx) -> list[Check]:
     out = _arch_checks(ctx, "AuthenticAMD", "AMD SKINIT")
     vendor_ok = bool(out[-1].ok)
+    if vendor_ok:
+        # Secure Launch v16 is Intel-only: its stub stops on CPUs without SMX, and the
+        # AMD Secure Kernel Loader path is not posted upstream (dl-handler.md "AMD").
+        out.append(Check("skinit-no-kernel-support", False,
+                         "no Secure Launch kernel accepts an SKINIT launch: the v16 series "
+                         "is Intel TXT only (its entry stub stops on CPUs without SMX)",
+                         "use the kexec method (measured kexec) on AMD until Secure Launch "
+                         "supports SKINIT"))
     if vendor_ok:
         for flag in ("svm", "skinit"):
             if flag not in ctx.flags:
