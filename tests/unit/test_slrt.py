@@ -121,7 +121,7 @@ def test_no_setup_data_type_of_ours_collides_with_the_kernels():
     assert not hasattr(slrt, "SETUP_SECURE_LAUNCH")
     setup_kexec_kho = 10
     assert bp.SETUP_RELAUNCHD_SLRT not in range(0, 0x100)
-    assert bp.SETUP_RELAUNCHD_SLRT != setup_kexec_kho
+    assert setup_kexec_kho != bp.SETUP_RELAUNCHD_SLRT
     amd = slrt.RawEntry(slrt.TAG_AMD_INFO)
     t = slrt.Table(slrt.ARCH_AMD_SKINIT, (DL, LOG, POLICY, amd), 4096)
     b = slrt.build(t)

@@ -116,7 +116,9 @@ def plan(kernel: FileRange, initrd: FileRange | None, cmdline: bytes, root: SysR
     result = segment_plan.plan_segments(kernel, cmdline=measured_cmdline, memmap=mem,
                                         initrd=initrd, slrt=builder, extras=extras,
                                         facts=segment_plan.BootFacts(acpi_rsdp=acpi_rsdp(root)),
-                                        kernel_below_4g=txt is not None)
+                                        kernel_below_4g=txt is not None,
+                                        ceiling=(dl_handler.pmrs(mem).lo_size if txt is not None
+                                                 else memory_map.FOUR_GIB))
     return result, built["slrt"]
 
 

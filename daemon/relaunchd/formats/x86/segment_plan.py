@@ -214,10 +214,12 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
                   slrt: bytes | SlrtBuilder | None = None,
                   extras: Sequence[Blob] = (),
                   facts: BootFacts | None = None,
-                  cli: bool = True, kernel_below_4g: bool = False) -> SegmentPlan:
+                  cli: bool = True, kernel_below_4g: bool = False,
+                  ceiling: int = FOUR_GIB) -> SegmentPlan:
     """Place everything and build the zero page; raises InvalidKernel, InvalidArgument or
     memmap.NoRoom naming what does not work. `kernel_below_4g`: a TXT MLE must lie
-    below 4 GiB whatever the kernel allows (its page tables are 32-bit)."""
+    below 4 GiB whatever the kernel allows (its page tables are 32-bit). `ceiling`
+    lowers "below 4 GiB" for everything, the initrd included (TXT: the low PMR)."""
     facts = facts or BootFacts()
     header = bp.parse_setup_header(kernel)
     cmdline = normalize_cmdline(cmdline, header)
@@ -228,7 +230,7 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
             raise InvalidArgument(f"segment name {blob.name!r} is used twice")
         seen.add(blob.name)
     alloc = Allocator(memmap)
-    low = FOUR_GIB
+    low = min(FOUR_GIB, ceiling)
 
     # 1. Fixed-address blobs first: they cannot move, everything else can.
     placed: dict[str, Placement] = {}
@@ -295,10 +297,11 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
     initrd_size = 0 if initrd is None else _size(initrd)
     if initrd_size:
         try:
-            placed[INITRD] = alloc.place(INITRD, initrd_size, max_addr=header.initrd_addr_max + 1,
+            placed[INITRD] = alloc.place(INITRD, initrd_size,
+                                         max_addr=min(header.initrd_addr_max + 1, low),
                                          top_down=True)
         except NoRoom:
-            if not header.above_4g:
+            if not header.above_4g or ceiling < FOUR_GIB:
                 raise
             placed[INITRD] = alloc.place(INITRD, initrd_size, top_down=True)
 

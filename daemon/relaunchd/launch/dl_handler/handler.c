@@ -456,8 +456,7 @@ static u32 check_heap(struct launch *l)
 	if (l->heap_size < 8)
 		FAIL(RLD_REASON_HEAP_TOO_SMALL, l->heap_size);
 	l->bios_size = read64(l->heap);
-	if (l->bios_size < 8 + sizeof(struct txt_bios_data) || l->bios_size > l->heap_size ||
-	    (l->bios_size & 7))
+	if (l->bios_size < 8 + sizeof(struct txt_bios_data) || l->bios_size > l->heap_size)
 		FAIL(RLD_REASON_HEAP_INVALID, l->bios_size);
 	l->bios = (void *)(uintptr_t)(l->heap + 8);
 	if (l->bios->version < MIN_BIOS_DATA_VERSION)
