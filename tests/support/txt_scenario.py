@@ -116,14 +116,14 @@ class Staged:
     intel_info_at: int
     kernel: bytes
     acm: bytes
+    handler_at: int
     outcome: Outcome | None = None
 
     def params_after(self) -> dlh.Params:
+        """The parameter block as the handler left it (its status, reason, detail)."""
         h = self.handler.header
-        return dlh.unpack_params(self.machine.read(self.machine_handler + h.params_offset,
+        return dlh.unpack_params(self.machine.read(self.handler_at + h.params_offset,
                                                    dlh.PARAMS_SIZE))
-
-    machine_handler: int = 0
 
 
 def stage(sc: Scenario, handler_bytes: bytes | None = None) -> Staged:
@@ -186,9 +186,7 @@ def stage(sc: Scenario, handler_bytes: bytes | None = None) -> Staged:
         min_mle_version=0x00020000)
     params = dataclasses.replace(params, **sc.params_override)
     m.load(lay.handler, handler.with_params(params))
-    st = Staged(m, handler, params, table, dl_at, ii_at, bytes(kernel), acm)
-    st.machine_handler = lay.handler
-    return st
+    return Staged(m, handler, params, table, dl_at, ii_at, bytes(kernel), acm, lay.handler)
 
 
 def run(sc: Scenario, handler_bytes: bytes | None = None) -> Staged:
