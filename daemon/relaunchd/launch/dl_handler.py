@@ -48,7 +48,8 @@ class TxtLaunch:
     """What a TXT launch stages besides the kernel, checked and ready."""
 
     handler: dlh.HandlerImage
-    handler_sha256: str
+    handler_path: str
+    handler_sha256: str          # of the file as installed (before the parameter block)
     acm: bytes
     acm_module: acmfmt.Acm
     os_sinit_caps: int
@@ -158,7 +159,7 @@ def prepare(handler_path: str, acm_path: str, ids: PlatformIds, *,
         caps = acmfmt.os_sinit_capabilities(module.info)
     except acmfmt.InvalidAcm as exc:
         raise NotReady(f"{acm_path}: {exc} [sinit-acm-capabilities]") from None
-    return TxtLaunch(handler, digest, acm_data, module, caps, require_drtm, rsdp)
+    return TxtLaunch(handler, handler_path, digest, acm_data, module, caps, require_drtm, rsdp)
 
 
 def pmrs(memmap: MemoryMap) -> Pmrs:

@@ -114,7 +114,7 @@ class StagedImage:
     drtm_seal_pcr: int | None = None     # segment loader: the SLRT policy's sealing PCR
     drtm_events: list = field(default_factory=list)   # slrt.PredictedEvent, policy order
     addons: list[dict] = field(default_factory=list)  # addons.describe(): what was applied
-    dl_handler: dict | None = None       # txt: {"path", "sha256"} of the handler file
+    dl_handler: dict | None = None       # txt: the handler file's path, sha256, size, entry
 
     def close(self) -> None:
         for blob in (self.image, self.kernel, self.initrd):
@@ -151,7 +151,6 @@ class StagedImage:
             "dl_handler": self._dl_handler_plan(),
             "notes": self.notes + self.cmdline.notes,
         }
-
 
     def _dl_handler_plan(self) -> dict | None:
         """The TXT DL handler: the file's SHA-256 (what the PCR 23 log should name) and
@@ -264,7 +263,7 @@ def prepare(path: str, options: StageOptions,
                 line.nul_terminated, options.root, inputs)
             staged.slrt = content.table
             if inputs.txt is not None:
-                staged.dl_handler = {"path": options.dl_handler or dl_handler_installed(),
+                staged.dl_handler = {"path": inputs.txt.handler_path,
                                      "sha256": inputs.txt.handler_sha256,
                                      "size": len(inputs.txt.handler.data),
                                      "entry_offset": inputs.txt.handler.header.entry_offset}
@@ -328,12 +327,6 @@ def _launch_inputs(options: StageOptions):
                              require_drtm=options.require_drtm,
                              rsdp=segment_loader.acpi_rsdp(options.root))
     return segment_loader.SegmentInputs(txt=txt, intel_info=_intel_info(options.root, report))
-
-
-def dl_handler_installed() -> str:
-    from relaunchd.launch import dl_handler
-
-    return dl_handler.INSTALLED
 
 
 def _intel_info(root: SysRoot, report):
