@@ -8,9 +8,19 @@ HOST_PKGS := .ci/host-packages.txt .ci/vm-packages.txt
 # what they were made from; never inside the repository.
 export RELAUNCHD_CACHE ?= $(HOME)/.cache/relaunchd
 
-.PHONY: setup test unit integration vm-test demo lint bench clean
+.PHONY: setup test unit integration vm-test demo lint bench clean dl-handler
 
-setup: $(VENV)/.setup-done
+setup: $(VENV)/.setup-done dl-handler
+
+# relaunchd's Intel TXT DL handler (docs/drtm.md): a freestanding x86-64 binary built
+# with Debian's gcc/binutils, reproducibly, outside the source tree.
+DL_HANDLER_SRC := daemon/relaunchd/launch/dl_handler
+DL_HANDLER := build/dl-handler/txt-dl-handler.bin
+dl-handler: $(DL_HANDLER)
+
+$(DL_HANDLER): $(wildcard $(DL_HANDLER_SRC)/*.[chS] $(DL_HANDLER_SRC)/*.lds) \
+		$(DL_HANDLER_SRC)/Makefile $(VENV)/.setup-done
+	$(MAKE) -C $(DL_HANDLER_SRC) O=$(abspath build/dl-handler)
 
 $(VENV)/.setup-done: $(HOST_PKGS) pyproject.toml requirements-dev.txt .ci/install-deps
 	.ci/install-deps $(HOST_PKGS)

@@ -136,6 +136,12 @@ class RelaunchAborted(RelaunchError):
     name = "RelaunchAborted"
 
 
+class InvalidDlHandler(RelaunchError):
+    """A DL handler binary whose header or parameter block relaunchd cannot use."""
+
+    name = "InvalidDlHandler"
+
+
 class NoDaemon(RelaunchError):
     """relaunchd is not on the bus (not running, not activatable, or no bus at all)."""
 

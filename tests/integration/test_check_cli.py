@@ -59,7 +59,7 @@ def test_options_reach_the_probe(tmp_path):
     p = _run("--json", "--root", str(root), "--skl", "/boot/skl.bin", "--method", "skinit")
     assert p.returncode == 1
     assert [r["id"] for r in json.loads(p.stdout)["methods"]["skinit"]["reasons"]] == [
-        "skl-missing"]
+        "skinit-no-kernel-support", "skl-missing"]
     root = materialize("intel-txt-server", tmp_path)
     p = _run("--json", "--root", str(root), "--acm-dir", "/nowhere", "--method", "txt")
     assert [r["id"] for r in json.loads(p.stdout)["methods"]["txt"]["reasons"]] == [
@@ -119,3 +119,11 @@ def test_method_exit_code_matches_json(method, tmp_path):
     root = str(materialize("amd-epyc-skinit", tmp_path))
     p = _run("--json", "--root", root, "--method", method)
     assert p.returncode == (0 if json.loads(p.stdout)["methods"][method]["ready"] else 1)
+
+
+def test_txt_ready_with_the_shipped_dl_handler(tmp_path):
+    root = materialize("intel-txt-server", tmp_path)
+    p = _run("--json", "--root", str(root), "--method", "txt")
+    assert p.returncode == 0, p.stdout
+    checks = {c["id"]: c["ok"] for c in json.loads(p.stdout)["methods"]["txt"]["checks"]}
+    assert checks["dl-handler"] is True and "dl-handler-missing" not in checks

@@ -4,12 +4,18 @@ unit's sandbox still lets it kexec_file_load; nothing is relaunched here."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import subprocess
 import uuid
 from pathlib import Path
 
+from relaunchd.formats import txt_dl_handler
 from support import ukibuild
+
+BUILT_HANDLER = Path(__file__).resolve().parents[2] / "build/dl-handler/txt-dl-handler.bin"
+HANDLER = "/usr/lib/relaunchd/txt-dl-handler.bin"
 
 IMAGES = "/var/lib/relaunchd/images"
 CERT = "/etc/relaunchd/test-db.pem"
@@ -76,3 +82,16 @@ def test_stage_and_cancel_through_the_daemon(guest, vm_image, keys, tmp_path: Pa
     assert guest.run("cat /sys/kernel/kexec_loaded").output.strip() == "0"
     # leave the guest as the next tests expect it: default configuration
     guest.run("rm -f /etc/relaunchd/relaunchd.yaml && systemctl restart relaunchd")
+
+
+def test_package_ships_the_dl_handler(guest, relaunchd_deb, tmp_path: Path):
+    """The .deb carries the TXT DL handler where `check` and staging look for it,
+    byte for byte the one `make setup` built (both builds are reproducible)."""
+    out = tmp_path / "deb"
+    subprocess.run(["dpkg-deb", "-x", str(relaunchd_deb), str(out)], check=True, timeout=120)
+    shipped = (out / HANDLER.lstrip("/")).read_bytes()
+    assert shipped == BUILT_HANDLER.read_bytes()
+    txt_dl_handler.parse(shipped)
+    assert HANDLER in guest.run("dpkg -L relaunchd").output.split()
+    installed = guest.run(f"sha256sum {HANDLER}").output.split()[0]
+    assert installed == hashlib.sha256(shipped).hexdigest()

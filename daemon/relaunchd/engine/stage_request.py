@@ -83,6 +83,7 @@ def stage_options(config: Config, request: StageRequest, *, best_method: str | N
         relaunch_id=str(uuid.uuid4()), add_id_argument=config.cmdline.id_argument,
         banks=tuple(config.measurement.banks), root=SysRoot(config.root), loader=loader,
         probe_config=config.probe_config(), sinit_acm=config.txt.sinit_acm,
+        require_drtm=config.launch.require_drtm,
         addons=request.addons, boot_partition=request.boot_partition)
 
 

@@ -242,3 +242,64 @@ def cpu_fms(family: int, model: int, stepping: int) -> int:
     ext_family = family - 0xF if family >= 0xF else 0
     return ((ext_family & 0xFF) << 20 | ((model >> 4) & 0xF) << 16 | base_family << 8
             | (model & 0xF) << 4 | (stepping & 0xF))
+
+
+# SDG Table 4, MLE/SINIT capability bits (the ACM info table's Capabilities).
+CAP_WAKE_GETSEC = 1 << 0
+CAP_WAKE_MONITOR = 1 << 1
+CAP_ECX_PAGE_TABLES = 1 << 2
+CAP_PCR_DA_MAPPING = 1 << 5      # TPM 1.2 "details/authorities" usage; must be 1 for TPM 2.0
+CAP_TPM20_TCG_LOG = 1 << 9
+
+
+@dataclass(frozen=True)
+class PlatformFit:
+    """How an ACM fits a platform; `reason` is the `relaunchctl check` reason id."""
+
+    fits: bool
+    reason: str
+    message: str
+
+
+def platform_fit(module: Acm, *, vendor_id: int, device_id: int, revision_id: int,
+                 production_fused: bool | None, fms: int | None) -> PlatformFit:
+    """The rules `relaunchctl check` applies to the ACMs it finds (SDG A.1.2, drtm.md
+    §3.6): a SINIT, a chipset ID entry for TXT.DIDVID, debug/production signing equal
+    to VER.EMIF's fuse (unknown: not held against it), a processor ID entry for the
+    CPU's FMS when the ACM has a list. Reason ids as in docs/check.md."""
+    chip = f"{vendor_id:04x}:{device_id:04x} rev 0x{revision_id:x}"
+    if not module.is_sinit:
+        return PlatformFit(False, "sinit-acm-not-sinit",
+                           "the ACM is not a SINIT (type/subtype) or is a revocation ACM")
+    if module.matching_chipset(vendor_id, device_id, revision_id) is None:
+        return PlatformFit(False, "sinit-acm-mismatch",
+                           f"the ACM does not list this chipset ({chip})")
+    if production_fused is not None and module.header.debug_signed == production_fused:
+        signed = "debug" if module.header.debug_signed else "production"
+        fused = "production" if production_fused else "debug"
+        return PlatformFit(False, "sinit-acm-fuse-mismatch",
+                           f"the ACM is {signed}-signed, the chipset is {fused}-fused")
+    if fms is not None and module.matches_processor(fms) is False:
+        return PlatformFit(False, "sinit-acm-fuse-mismatch",
+                           f"the ACM lists chipset {chip} but not this CPU (FMS 0x{fms:x})")
+    return PlatformFit(True, "sinit-acm", f"SINIT ACM fits chipset {chip}")
+
+
+def os_sinit_capabilities(info: AcmInfo) -> int:
+    """The OsSinitData.Capabilities relaunchd requests from this SINIT for a Secure
+    Launch v16 kernel (whose MLE header offers 0x227): D/A PCR usage (required with
+    TPM 2.0), RLP wake-up by MONITOR if offered else GETSEC[WAKEUP], the MLE page
+    tables in ECX (v16 sl_stub finds the MLE through them), the TCG TPM 2.0 log.
+    Raises InvalidAcm naming what the SINIT lacks."""
+    caps = info.capabilities
+    missing = [name for bit, name in ((CAP_ECX_PAGE_TABLES, "MLE page tables in ECX"),
+                                      (CAP_TPM20_TCG_LOG, "the TCG TPM 2.0 event log"),
+                                      (CAP_PCR_DA_MAPPING, "details/authorities PCR usage"))
+               if not caps & bit]
+    if not caps & (CAP_WAKE_MONITOR | CAP_WAKE_GETSEC):
+        missing.append("an RLP wake-up method")
+    if missing:
+        raise InvalidAcm(f"the SINIT ACM (capabilities 0x{caps:x}) lacks "
+                         f"{', '.join(missing)}, which a Secure Launch v16 kernel needs")
+    wake = CAP_WAKE_MONITOR if caps & CAP_WAKE_MONITOR else CAP_WAKE_GETSEC
+    return CAP_PCR_DA_MAPPING | wake | CAP_ECX_PAGE_TABLES | CAP_TPM20_TCG_LOG

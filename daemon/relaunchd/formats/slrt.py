@@ -5,17 +5,17 @@ Secure Launch patch revision), §1.6 (GRUB's default policy and its quirks),
 §4.5 (which measured entities are deterministic). Bytes in, values out: no I/O,
 no globals beyond constants.
 
-Layout revisions. The table header carries `revision = 1` in every posting, so
-the bytes do not say which patch series they were written for; the caller names
-it with `layout=` (default 16, the layout relaunchd is pinned to). Supported:
-
-  v16      DL_INFO 88 B (+dlme_header_offset, dlme_config_table; `dl_launch`),
-           INTEL_INFO 560 B (boot_params_addr first)
-  v15      DL_INFO 72 B (`dl_handler`), INTEL_INFO 560 B
-  v10–v14  DL_INFO 72 B, INTEL_INFO 552 B (no boot_params_addr)
-
-v9 and older use 4-byte entry headers and other field orders (§1.1) and are
-refused with `Unsupported`.
+Layout revision: Secure Launch v16 only (docs/slrt-policy.md "Which revision").
+The table header carries `revision = 1` in every posting, so the bytes do not say
+which patch series they were written for; `layout=` names it and only 16 is
+accepted: DL_INFO 88 B (dlme_header_offset, dlme_config_table, `dl_launch`),
+INTEL_INFO 560 B (boot_params_addr first), as patch 17/38 defines them. relaunchd's
+DL handler speaks only v16's `dl_launch(bl_context, dlme)`; the older layouts
+(72-byte DL_INFO with a one-argument `dl_handler`, and an INTEL_INFO whose
+boot_params_addr appears in a different posting depending on the source) are
+refused with `Unsupported` rather than built from unconfirmed offsets.
+AMD_INFO has no body in v16 (Linux defines only the tag; no setup_data type is
+assigned to the SLRT), so it is kept as a raw entry.
 
 Table shape (§1.2): 16-byte header {magic "MTRD", u16 revision, u16 architecture,
 u32 size, u32 max_size}, then TLV entries {u32 tag, u32 size (whole entry)},
@@ -90,7 +90,6 @@ ET_RAMDISK = 0x0006
 ET_TXT_OS2MLE = 0x0010
 ET_UNUSED = 0xFFFF
 
-SETUP_SECURE_LAUNCH = 10                # setup_data type embedded in AMD_INFO (§1.4)
 DRTM_PCR_RANGE = range(17, 23)               # TCG D-RTM PCRs 17–22 (§4.1)
 SL_EVTYPE_SECURE_LAUNCH = 0x502         # event type of every policy measurement (§4.3)
 
@@ -101,7 +100,7 @@ MSR_MTRR_PHYSBASE0 = 0x200              # PHYSBASEn = 0x200 + 2n, PHYSMASKn = 0x
 MSR_MTRR_DEF_TYPE = 0x2FF
 
 LAYOUT_V16 = 16
-LAYOUTS = range(10, 17)
+LAYOUTS = (LAYOUT_V16,)
 
 HEADER_SIZE = 16
 ENTRY_HDR_SIZE = 8
@@ -114,31 +113,30 @@ _HEADER = struct.Struct("<IHHII")
 _ENTRY_HDR = struct.Struct("<II")
 _BL_CONTEXT = struct.Struct("<H6xQ")    # u16 bootloader, u16 reserved[3], u64 context
 _DL_V16 = struct.Struct("<7Q16sQ")      # after hdr; 88 - 8
-_DL_V10 = struct.Struct("<5Q16sQ")      # after hdr; 72 - 8
 _LOG = struct.Struct("<HHIQ")           # format, reserved, size, addr
 _POLICY_HDR = struct.Struct("<4H")      # reserved[2], revision, nr_entries
 _POLICY_ENTRY = struct.Struct("<4HQQ32s")
 _MTRR_HEAD = struct.Struct("<QQ")       # default_mem_type, mtrr_vcnt
 _MTRR_PAIRS = struct.Struct(f"<{2 * VARIABLE_MTRRS}Q")
-_AMD = struct.Struct("<QIIQQQH6x")
 
 DL_INFO_SIZE_V16 = ENTRY_HDR_SIZE + _DL_V16.size              # 88
-DL_INFO_SIZE_V10 = ENTRY_HDR_SIZE + _DL_V10.size              # 72 (v10–v15)
 LOG_INFO_SIZE = ENTRY_HDR_SIZE + _LOG.size                    # 24
 POLICY_HDR_SIZE = ENTRY_HDR_SIZE + _POLICY_HDR.size           # 16
 POLICY_ENTRY_SIZE = _POLICY_ENTRY.size                        # 56
 SAVED_MTRRS_SIZE = _MTRR_HEAD.size + _MTRR_PAIRS.size         # 528
-AMD_INFO_SIZE = ENTRY_HDR_SIZE + _AMD.size                    # 56
+INTEL_INFO_SIZE = ENTRY_HDR_SIZE + 8 + 8 + 8 + SAVED_MTRRS_SIZE  # 560
 
 
-def dl_info_size(layout: int) -> int:
-    """88 from v16 (dlme_header_offset, dlme_config_table added), 72 in v10–v15 (§1.4)."""
-    return DL_INFO_SIZE_V16 if layout >= 16 else DL_INFO_SIZE_V10
+def dl_info_size(layout: int = LAYOUT_V16) -> int:
+    """88 in v16 (§1.4)."""
+    _check_layout(layout)
+    return DL_INFO_SIZE_V16
 
 
-def intel_info_size(layout: int) -> int:
-    """560 from v15 (boot_params_addr added), 552 in v10–v14 (§1.4)."""
-    return ENTRY_HDR_SIZE + (16 if layout >= 15 else 8) + 8 + SAVED_MTRRS_SIZE
+def intel_info_size(layout: int = LAYOUT_V16) -> int:
+    """560 in v16 (§1.4)."""
+    _check_layout(layout)
+    return INTEL_INFO_SIZE
 
 
 # ---------------------------------------------------------------------------
@@ -175,8 +173,8 @@ class DlInfo:
     dlme_entry: int
     dl_launch: int
     bl_context: BlContext = field(default_factory=BlContext)
-    dlme_header_offset: int = 0         # v16 only; must be 0 for older layouts
-    dlme_config_table: int = 0          # v16 only (boot_params for Linux)
+    dlme_header_offset: int = 0
+    dlme_config_table: int = 0          # boot_params for Linux
 
 
 @dataclass(frozen=True)
@@ -224,31 +222,18 @@ class IntelInfo:
     saved_misc_enable: int
     default_mem_type: int
     variable_mtrrs: tuple[MtrrPair, ...] = ()
-    boot_params_addr: int = 0           # v15+ only; must be 0 for older layouts
-
-
-@dataclass(frozen=True)
-class AmdInfo:
-    """SLR_ENTRY_AMD_INFO as the spec (Dec 2024) defines it for SKINIT; Linux has
-    only the tag. It embeds a setup_data header of type SETUP_SECURE_LAUNCH (§1.4)."""
-
-    slrt_base: int
-    slrt_size: int
-    boot_params_base: int
-    psp_version: int = 0
-    setup_data_next: int = 0
-    setup_data_len: int = 0
+    boot_params_addr: int = 0
 
 
 @dataclass(frozen=True)
 class RawEntry:
-    """Any other tag (ARM_INFO, UEFI_INFO, UEFI_CONFIG, future ones), kept verbatim."""
+    """Any other tag (AMD_INFO, ARM_INFO, UEFI_INFO, UEFI_CONFIG, future ones), verbatim."""
 
     tag: int
     body: bytes = b""                   # everything after the 8-byte entry header
 
 
-Entry = DlInfo | LogInfo | EntryPolicy | IntelInfo | AmdInfo | RawEntry
+Entry = DlInfo | LogInfo | EntryPolicy | IntelInfo | RawEntry
 
 
 @dataclass(frozen=True)
@@ -268,7 +253,7 @@ def entry_tag(entry: Entry) -> int:
 
 _TAGS: dict[type, int] = {
     DlInfo: TAG_DL_INFO, LogInfo: TAG_LOG_INFO, EntryPolicy: TAG_ENTRY_POLICY,
-    IntelInfo: TAG_INTEL_INFO, AmdInfo: TAG_AMD_INFO,
+    IntelInfo: TAG_INTEL_INFO,
 }
 
 
@@ -278,8 +263,8 @@ _TAGS: dict[type, int] = {
 def _check_layout(layout: int) -> None:
     if layout not in LAYOUTS:
         raise Unsupported(
-            f"Secure Launch v{layout} SLRT layout is not supported "
-            f"(v{LAYOUTS[0]}–v{LAYOUTS[-1]} are; v9 and older use 4-byte entry headers)")
+            f"Secure Launch v{layout} SLRT layout is not supported: relaunchd builds and "
+            f"reads only the v{LAYOUT_V16} layout (docs/slrt-policy.md)")
 
 
 def _pack(st: struct.Struct, what: str, *values: object) -> bytes:
@@ -308,17 +293,10 @@ def _entry_bytes(entry: Entry, layout: int) -> bytes:
     if isinstance(entry, DlInfo):
         ctx = _pack(_BL_CONTEXT, "bl_context", entry.bl_context.bootloader,
                     entry.bl_context.context)
-        if layout >= 16:
-            body = _pack(_DL_V16, "DL_INFO", entry.dce_size, entry.dce_base, entry.dlme_size,
-                         entry.dlme_base, entry.dlme_entry, entry.dlme_header_offset,
-                         entry.dlme_config_table, ctx, entry.dl_launch)
-        else:
-            if entry.dlme_header_offset or entry.dlme_config_table:
-                raise InvalidTable(f"DL_INFO: dlme_header_offset/dlme_config_table "
-                                   f"do not exist in the v{layout} layout")
-            body = _pack(_DL_V10, "DL_INFO", entry.dce_size, entry.dce_base, entry.dlme_size,
-                         entry.dlme_base, entry.dlme_entry, ctx, entry.dl_launch)
-        return _hdr(TAG_DL_INFO, dl_info_size(layout)) + body
+        body = _pack(_DL_V16, "DL_INFO", entry.dce_size, entry.dce_base, entry.dlme_size,
+                     entry.dlme_base, entry.dlme_entry, entry.dlme_header_offset,
+                     entry.dlme_config_table, ctx, entry.dl_launch)
+        return _hdr(TAG_DL_INFO, DL_INFO_SIZE_V16) + body
     if isinstance(entry, LogInfo):
         if entry.format not in LOG_FORMATS:
             raise InvalidTable(f"LOG_INFO: unknown log format {entry.format}")
@@ -345,22 +323,12 @@ def _entry_bytes(entry: Entry, layout: int) -> bytes:
                                f"{VARIABLE_MTRRS} fit")
         flat = [v for p in pairs for v in (p.physbase, p.physmask)]
         flat += [0] * (2 * VARIABLE_MTRRS - len(flat))
-        if layout >= 15:
-            addrs = _pack(struct.Struct("<QQ"), "INTEL_INFO", entry.boot_params_addr,
-                          entry.txt_heap)
-        else:
-            if entry.boot_params_addr:
-                raise InvalidTable(f"INTEL_INFO: boot_params_addr does not exist in the "
-                                   f"v{layout} layout (it is in OS2MLE there)")
-            addrs = _pack(struct.Struct("<Q"), "INTEL_INFO", entry.txt_heap)
-        return (_hdr(TAG_INTEL_INFO, intel_info_size(layout)) + addrs
+        addrs = _pack(struct.Struct("<QQ"), "INTEL_INFO", entry.boot_params_addr,
+                      entry.txt_heap)
+        return (_hdr(TAG_INTEL_INFO, INTEL_INFO_SIZE) + addrs
                 + _pack(struct.Struct("<Q"), "INTEL_INFO", entry.saved_misc_enable)
                 + _pack(_MTRR_HEAD, "INTEL_INFO", entry.default_mem_type, len(pairs))
                 + _pack(_MTRR_PAIRS, "INTEL_INFO MTRRs", *flat))
-    if isinstance(entry, AmdInfo):
-        return _hdr(TAG_AMD_INFO, AMD_INFO_SIZE) + _pack(
-            _AMD, "AMD_INFO", entry.setup_data_next, SETUP_SECURE_LAUNCH, entry.setup_data_len,
-            entry.slrt_size, entry.slrt_base, entry.boot_params_base, entry.psp_version)
     if isinstance(entry, RawEntry):
         if entry.tag in _KNOWN_TAGS or not 0 < entry.tag <= U16:
             raise InvalidTable(f"RawEntry cannot carry tag {entry.tag:#x}")
@@ -404,7 +372,7 @@ def _check_entry_set(tags: list[int], architecture: int) -> None:
 
 _TAG_NAMES = {TAG_DL_INFO: "DL_INFO", TAG_LOG_INFO: "LOG_INFO",
               TAG_ENTRY_POLICY: "ENTRY_POLICY", TAG_INTEL_INFO: "INTEL_INFO",
-              TAG_AMD_INFO: "AMD_INFO", TAG_END: "END"}
+              TAG_END: "END"}
 
 
 def build(table: Table, *, layout: int = LAYOUT_V16) -> bytes:
@@ -438,16 +406,15 @@ def entry_offset(table: Table, tag: int, *, layout: int = LAYOUT_V16) -> int:
 
 def entry_size(entry: Entry, *, layout: int = LAYOUT_V16) -> int:
     """Bytes `entry` takes in the table, header included (values are not checked)."""
+    _check_layout(layout)
     if isinstance(entry, DlInfo):
-        return dl_info_size(layout)
+        return DL_INFO_SIZE_V16
     if isinstance(entry, IntelInfo):
-        return intel_info_size(layout)
+        return INTEL_INFO_SIZE
     if isinstance(entry, LogInfo):
         return LOG_INFO_SIZE
     if isinstance(entry, EntryPolicy):
         return POLICY_HDR_SIZE + POLICY_ENTRY_SIZE * len(entry.entries)
-    if isinstance(entry, AmdInfo):
-        return AMD_INFO_SIZE
     if isinstance(entry, RawEntry):
         return ENTRY_HDR_SIZE + len(entry.body)
     raise TypeError(f"not an SLRT entry: {entry!r}")
@@ -531,14 +498,9 @@ def _want_size(tag: int, raw: bytes, off: int, want: int) -> None:
 def _decode_entry(tag: int, raw: bytes, off: int, layout: int) -> Entry:
     where = f"{_TAG_NAMES.get(tag, hex(tag))} at {off:#x}"
     if tag == TAG_DL_INFO:
-        _want_size(tag, raw, off, dl_info_size(layout))
-        if layout >= 16:
-            (dce_size, dce_base, dlme_size, dlme_base, dlme_entry, hdr_off, cfg, ctx,
-             launch) = _DL_V16.unpack_from(raw, ENTRY_HDR_SIZE)
-        else:
-            dce_size, dce_base, dlme_size, dlme_base, dlme_entry, ctx, launch = (
-                _DL_V10.unpack_from(raw, ENTRY_HDR_SIZE))
-            hdr_off = cfg = 0
+        _want_size(tag, raw, off, DL_INFO_SIZE_V16)
+        (dce_size, dce_base, dlme_size, dlme_base, dlme_entry, hdr_off, cfg, ctx,
+         launch) = _DL_V16.unpack_from(raw, ENTRY_HDR_SIZE)
         if any(ctx[2:8]):
             raise InvalidTable(f"{where}: bl_context reserved bytes are not zero")
         bootloader, context = _BL_CONTEXT.unpack(ctx)
@@ -571,12 +533,9 @@ def _decode_entry(tag: int, raw: bytes, off: int, layout: int) -> Entry:
         return EntryPolicy(tuple(_decode_policy_entry(raw, POLICY_HDR_SIZE + i * POLICY_ENTRY_SIZE,
                                                       where) for i in range(n)), revision)
     if tag == TAG_INTEL_INFO:
-        _want_size(tag, raw, off, intel_info_size(layout))
-        pos = ENTRY_HDR_SIZE
-        boot_params = 0
-        if layout >= 15:
-            (boot_params,) = struct.unpack_from("<Q", raw, pos)
-            pos += 8
+        _want_size(tag, raw, off, INTEL_INFO_SIZE)
+        pos = ENTRY_HDR_SIZE + 8
+        (boot_params,) = struct.unpack_from("<Q", raw, ENTRY_HDR_SIZE)
         txt_heap, misc = struct.unpack_from("<QQ", raw, pos)
         default_type, vcnt = _MTRR_HEAD.unpack_from(raw, pos + 16)
         flat = _MTRR_PAIRS.unpack_from(raw, pos + 16 + _MTRR_HEAD.size)
@@ -586,16 +545,6 @@ def _decode_entry(tag: int, raw: bytes, off: int, layout: int) -> Entry:
             raise InvalidTable(f"{where}: MTRR pairs beyond mtrr_vcnt {vcnt} are not zero")
         pairs = tuple(MtrrPair(flat[2 * i], flat[2 * i + 1]) for i in range(vcnt))
         return IntelInfo(txt_heap, misc, default_type, pairs, boot_params)
-    if tag == TAG_AMD_INFO:
-        _want_size(tag, raw, off, AMD_INFO_SIZE)
-        nxt, sd_type, sd_len, slrt_size, slrt_base, bp, psp = _AMD.unpack_from(
-            raw, ENTRY_HDR_SIZE)
-        if sd_type != SETUP_SECURE_LAUNCH:
-            raise InvalidTable(f"{where}: setup_data type {sd_type}, want "
-                               f"SETUP_SECURE_LAUNCH ({SETUP_SECURE_LAUNCH})")
-        if any(raw[ENTRY_HDR_SIZE + 42:]):
-            raise InvalidTable(f"{where}: reserved words are not zero")
-        return AmdInfo(slrt_base, slrt_size, bp, psp, nxt, sd_len)
     if tag == TAG_INVALID or tag > U16:
         # tag 0 is SLR_ENTRY_INVALID; the kernel's lookup takes a u16 tag, so a
         # wider one could never be found and is garbage (§1.2 "Note").
@@ -724,8 +673,7 @@ def intel_info_from_msrs(rdmsr: Callable[[int], int], *, txt_heap: int,
 def intel_info_measured_bytes(info: IntelInfo, *, layout: int = LAYOUT_V16) -> bytes:
     """What the kernel hashes for an ET_SLRT policy entry: a copy of the whole
     INTEL_INFO entry (header included, 560 bytes in v16) with `boot_params_addr`
-    and `txt_heap` zeroed (§1.6 quirk 4; for v10–v14, without boot_params_addr,
-    derived by analogy, not read from those kernels)."""
+    and `txt_heap` zeroed (§1.6 quirk 4; v16 sl_main.c sl_extend_slrt)."""
     _check_layout(layout)
     return _entry_bytes(IntelInfo(0, info.saved_misc_enable, info.default_mem_type,
                                   info.variable_mtrrs, 0), layout)

@@ -149,7 +149,7 @@ def _prepare_type1(listed: ListedEntry, options: StageOptions,
             notes=notes, loader=options.effective_loader, signature=signature,
             entry=listed.staged_record())
         if staged.loader == "segments":
-            _plan_segments(staged, options, inputs)
+            staging.plan_segments(staged, options, inputs)
         return staged
     except BaseException:
         for blob in opened:
@@ -263,24 +263,3 @@ def _require_verified(path: str, signature: SignatureReport, options: StageOptio
                                  "stage an unverified kernel")
     why = "; ".join(signature.reasons) or "no signature verifies"
     raise VerificationFailed(f"{path}: {why}")
-
-
-def _plan_segments(staged: StagedEntry, options: StageOptions, inputs: Any) -> None:
-    """The segment loader's zero page, SLRT and predictions, as `staging.prepare` makes
-    them for a UKI."""
-    from relaunchd.launch import segment_loader
-
-    initrd = staged.initrd
-    staged.segment_plan, content = segment_loader.plan(
-        FileRange(staged.kernel.fd, 0, staged.kernel.size),
-        FileRange(initrd.fd, 0, initrd.size) if initrd else None,
-        staged.cmdline.nul_terminated, options.root, inputs)
-    staged.slrt = content.table
-    staged.drtm_seal_pcr = content.seal_pcr
-    staged.drtm_events = segment_loader.predicted_events(
-        content, cmdline=staged.cmdline.nul_terminated,
-        initrd_digests={"sha256": bytes.fromhex(initrd.sha256)} if initrd else None)
-    if inputs.dce is None:
-        staged.notes.append("hand-off rehearsal: no DCE/DL handler, so the SLRT carries no "
-                            "dynamic launch; only for a next kernel that is not a Secure "
-                            "Launch kernel")

@@ -30,6 +30,7 @@ class LaunchRequest:
     probe_config: ProbeConfig
     sinit_acm: str | None = None
     dl_handler: str | None = None
+    require_drtm: bool = False       # launch.require_drtm: the DL handler resets, not returns
 
 
 class LaunchMethod(Protocol):

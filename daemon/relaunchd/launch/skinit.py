@@ -37,6 +37,14 @@ def _skinit_checks(ctx: PlatformFacts) -> list[Check]:
     out = checks.arch_checks(ctx, "AuthenticAMD", "AMD SKINIT")
     vendor_ok = bool(out[-1].ok)
     if vendor_ok:
+        # Secure Launch v16 is Intel-only: its stub stops on CPUs without SMX, and the
+        # AMD Secure Kernel Loader path is not posted upstream (dl-handler.md "AMD").
+        out.append(Check("skinit-no-kernel-support", False,
+                         "no Secure Launch kernel accepts an SKINIT launch: the v16 series "
+                         "is Intel TXT only (its entry stub stops on CPUs without SMX)",
+                         "use the kexec method (measured kexec) on AMD until Secure Launch "
+                         "supports SKINIT"))
+    if vendor_ok:
         for flag in ("svm", "skinit"):
             if flag not in ctx.flags:
                 out.append(Check(f"cpu-no-{flag}", False, f"the CPU has no {flag} flag",

@@ -82,6 +82,7 @@ class StageOptions:
     probe_config: Any = None             # readiness.ProbeConfig
     sinit_acm: str | None = None         # explicit TXT inputs, platform paths under `root`
     dl_handler: str | None = None
+    require_drtm: bool = False           # launch.require_drtm: the DL handler resets, not returns
     addons: bool = True                  # apply add-ons as systemd-stub would (addons.py)
     boot_partition: str | None = None    # where loader/addons/ is; None: the image's mount
 
@@ -123,6 +124,7 @@ class StagedImage:
     drtm_seal_pcr: int | None = None     # segment loader: the SLRT policy's sealing PCR
     drtm_events: list = field(default_factory=list)   # slrt.PredictedEvent, policy order
     addons: list[dict] = field(default_factory=list)  # addons.describe(): what was applied
+    dl_handler: dict | None = None       # txt: the handler file's path, sha256, size, entry
 
     def close(self) -> None:
         for blob in (self.image, self.kernel, self.initrd):
@@ -156,8 +158,19 @@ class StagedImage:
                  "digests": {bank: value.hex() for bank, value in e.digests.items()}}
                 for e in self.drtm_events]} if self.drtm_seal_pcr is not None else None),
             "addons": self.addons,
+            "dl_handler": self._dl_handler_plan(),
             "notes": self.notes + self.cmdline.notes,
         }
+
+
+    def _dl_handler_plan(self) -> dict | None:
+        """The TXT DL handler: the file's SHA-256 (what the PCR 23 log should name) and
+        the staged segment (parameter block filled in)."""
+        if self.dl_handler is None or self.segment_plan is None:
+            return None
+        seg = self.segment_plan.segment("dl-handler")
+        return {**self.dl_handler, "address": seg.address, "memsz": seg.memsz,
+                "entry": self.dl_handler["entry_offset"] + seg.address}
 
 
 def prepare(path: str, options: StageOptions,
@@ -255,24 +268,7 @@ def prepare(path: str, options: StageOptions,
                              cmdline=line, notes=notes, loader=options.effective_loader,
                              addons=addon_rules.describe(chosen))
         if staged.loader == "segments":
-            from relaunchd.launch import segment_loader
-
-            staged.segment_plan, content = segment_loader.plan(
-                FileRange(kernel.fd, 0, kernel.size),
-                FileRange(initrd_blob.fd, 0, initrd_blob.size) if initrd_blob else None,
-                line.nul_terminated, options.root, inputs)
-            staged.slrt = content.table
-            # What a Secure Launch kernel will extend into the sealing PCR, from our
-            # own SLRT policy; the next boot checks the DRTM log against it.
-            staged.drtm_seal_pcr = content.seal_pcr
-            staged.drtm_events = segment_loader.predicted_events(
-                content, cmdline=line.nul_terminated,
-                initrd_digests={"sha256": bytes.fromhex(initrd_blob.sha256)}
-                if initrd_blob else None)
-            if inputs.dce is None:
-                staged.notes.append(
-                    "hand-off rehearsal: no DCE/DL handler, so the SLRT carries no dynamic "
-                    "launch; only for a next kernel that is not a Secure Launch kernel")
+            plan_segments(staged, options, inputs)
         return staged
     except BaseException:
         for blob in opened:
@@ -307,7 +303,8 @@ def _launch_inputs(options: StageOptions) -> Any:
 
     request = LaunchRequest(root=options.root,
                             probe_config=options.probe_config or ProbeConfig(options.root.root),
-                            sinit_acm=options.sinit_acm, dl_handler=options.dl_handler)
+                            sinit_acm=options.sinit_acm, dl_handler=options.dl_handler,
+                            require_drtm=options.require_drtm)
     return registry.method(options.method).segment_inputs(request)
 
 
@@ -530,9 +527,38 @@ def loaded(root: SysRoot) -> bool | None:
     return read.value.strip() == "1"
 
 
+def plan_segments(staged: StagedImage, options: StageOptions, inputs: Any) -> None:
+    """The segment loader's zero page, SLRT, DL handler and DRTM predictions for a staged
+    kernel (a UKI's or a boot loader entry's): `inputs` are the method's SegmentInputs."""
+    from relaunchd.launch import segment_loader
+
+    initrd = staged.initrd
+    staged.segment_plan, content = segment_loader.plan(
+        FileRange(staged.kernel.fd, 0, staged.kernel.size),
+        FileRange(initrd.fd, 0, initrd.size) if initrd else None,
+        staged.cmdline.nul_terminated, options.root, inputs)
+    staged.slrt = content.table
+    if inputs.txt is not None:
+        staged.dl_handler = {"path": inputs.txt.handler_path,
+                             "sha256": inputs.txt.handler_sha256,
+                             "size": len(inputs.txt.handler.data),
+                             "entry_offset": inputs.txt.handler.header.entry_offset}
+    # What a Secure Launch kernel will extend into the sealing PCR, from our own SLRT
+    # policy; the next boot checks the DRTM log against it.
+    staged.drtm_seal_pcr = content.seal_pcr
+    staged.drtm_events = segment_loader.predicted_events(
+        content, cmdline=staged.cmdline.nul_terminated,
+        initrd_digests={"sha256": bytes.fromhex(initrd.sha256)} if initrd else None)
+    if inputs.txt is None:
+        staged.notes.append(
+            "hand-off rehearsal: no DCE/DL handler, so the SLRT carries no dynamic "
+            "launch; only for a next kernel that is not a Secure Launch kernel")
+
+
 def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
     """`--dry-run --output DIR`: kernel, initrd, cmdline, plan.json, and for the
-    segment loader slrt.bin and bootparams.bin. DIR and every file are opened as
+    segment loader slrt.bin and bootparams.bin (for txt also dl-handler.bin, the handler
+    as staged). DIR and every file are opened as
     `output_dir` says (a directory of the caller's, O_EXCL | O_NOFOLLOW, all or
     nothing); the kernel and initrd are copied from their sealed memfds in the kernel."""
     files: list[tuple[str, output_dir.Writer]] = []
@@ -543,6 +569,10 @@ def write_artifacts(staged: StagedImage, directory: str) -> list[str]:
     if staged.segment_plan is not None:
         files.append(("slrt.bin", _bytes_of(staged.slrt or b"")))
         files.append(("bootparams.bin", _bytes_of(staged.segment_plan.zero_page)))
+        if staged.dl_handler is not None:
+            # The handler as staged: its parameter block filled in.
+            files.append(("dl-handler.bin",
+                          _bytes_of(staged.segment_plan.segment("dl-handler").data)))
     plan = (json.dumps(staged.plan(), indent=2) + "\n").encode()
     files.append(("plan.json", _bytes_of(plan)))
     with output_dir.open_output_directory(directory) as out:

@@ -12,15 +12,13 @@ from __future__ import annotations
 from relaunchd.errors import NotReady
 from relaunchd.formats import acm as acmfmt
 from relaunchd.formats import slrt
-from relaunchd.launch import checks
+from relaunchd.launch import checks, dl_handler, segment_loader
 from relaunchd.launch.checks import Check, Verdict
 from relaunchd.launch.protocol import LaunchRequest
 from relaunchd.launch.segment_loader import SegmentInputs
 from relaunchd.platform import txt_registers as txtregs
 from relaunchd.platform.readiness import MSR_DEV, PlatformFacts, read_facts
 from relaunchd.platform.sysroot import SysRoot
-
-DL_HANDLER_LIMIT = 1 << 20
 
 
 class TxtMethod:
@@ -44,18 +42,14 @@ class TxtMethod:
             raise NotReady("the txt method needs a SINIT ACM (txt.sinit_acm in the "
                            "configuration, or one in txt.sinit_acm_dirs that fits)")
         handler_path = request.dl_handler or request.probe_config.dl_handler
-        dce = _read_file(request.root, acm_path, acmfmt.MAX_MODULE, "SINIT ACM")
-        handler = _read_file(request.root, handler_path, DL_HANDLER_LIMIT, "DL handler")
-        return SegmentInputs(dce=dce, dl_handler=handler,
-                             intel_info=_intel_info(request.root, facts))
-
-
-def _read_file(root: SysRoot, path: str, limit: int, what: str) -> bytes:
-    read = root.read_bytes(path, limit=limit)
-    if not read.ok or read.value is None:
-        raise NotReady(f"cannot read the {what} {path}: {read.error}"
-                       + (f" ({read.detail})" if read.detail else ""))
-    return read.value
+        # Both are platform paths under the root; dl_handler reads them by descriptor,
+        # checks the ACM against this chipset and CPU, and validates the handler.
+        launch = dl_handler.prepare(request.root.host_path(handler_path),
+                                    request.root.host_path(acm_path),
+                                    dl_handler.platform_ids(facts),
+                                    require_drtm=request.require_drtm,
+                                    rsdp=segment_loader.acpi_rsdp(request.root))
+        return SegmentInputs(txt=launch, intel_info=_intel_info(request.root, facts))
 
 
 def _intel_info(root: SysRoot, facts: PlatformFacts) -> slrt.IntelInfo:
@@ -85,15 +79,31 @@ def _txt_checks(ctx: PlatformFacts) -> list[Check]:
     if vendor_ok and "smx" in ctx.flags:   # without SMX the rest cannot matter
         out += checks.iommu_checks(ctx, "DMAR")
         out += _txt_acm(ctx)
-        out.append(Check("dl-handler", True, "DL handler present")
-                   if ctx.value("launch.dl_handler") else
-                   Check("dl-handler-missing", False,
-                         f"no TXT DL handler at {ctx.facts['launch.dl_handler'].path}",
-                         "install relaunchd's DL handler or pass --dl-handler"))
+        out.append(_dl_handler_check(ctx))
     crb_refused = "Secure Launch's early TPM driver refuses CRB"
     out += checks.tpm_checks(ctx, crb_refused if vendor_ok else None)
     out += checks.drtm_common(ctx)
     return out
+
+
+def _dl_handler_check(ctx: PlatformFacts) -> Check:
+    fact = ctx.facts["launch.dl_handler"]
+    value = ctx.value("launch.dl_handler")
+    if value is None:
+        return Check("dl-handler-unreadable", None,
+                     f"TXT DL handler unreadable: {ctx.why('launch.dl_handler')}",
+                     "run the check as root")
+    if not value["present"]:
+        return Check("dl-handler-missing", False, f"no TXT DL handler at {fact.path}",
+                     "install the relaunchd package (it ships "
+                     "/usr/lib/relaunchd/txt-dl-handler.bin) or set txt.dl_handler")
+    if not value["valid"]:
+        return Check("dl-handler-invalid", False,
+                     f"{fact.path} is not a DL handler this relaunchd can use: "
+                     f"{value['error']}",
+                     "reinstall the relaunchd package, whose handler matches its daemon")
+    return Check("dl-handler", True, f"DL handler present (ABI {value['abi']}, SLRT layout "
+                 f"v{value['slrt_layout']})")
 
 
 def _txt_hardware(ctx: PlatformFacts) -> list[Check]:

@@ -13,11 +13,13 @@ AMD's VM_CR only on CPUs with SVM (drtm.md §3.1, §3.2).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from relaunchd.formats import acm as acmfmt
+from relaunchd.formats import txt_dl_handler
 from relaunchd.platform import tpm as tpmfacts
 from relaunchd.platform import txt_registers as txtregs
 from relaunchd.platform.probe_config import ProbeConfig
@@ -299,7 +301,7 @@ def _tpm_pcrs(ctx: PlatformFacts, config: ProbeConfig) -> None:
 def _intel(ctx: PlatformFacts, config: ProbeConfig) -> None:
     if ctx.vendor != "GenuineIntel":
         return
-    ctx.add("launch.dl_handler", Read(config.dl_handler, ctx.root.exists(config.dl_handler)))
+    ctx.add("launch.dl_handler", _dl_handler(ctx, config.dl_handler))
     if "smx" not in ctx.flags:
         return   # no SMX: 0xFED30000 is not TXT space and MSR 0x3A says nothing about TXT
     msr = ctx.root.read_at(MSR_DEV, MSR_FEATURE_CONTROL, 8)
@@ -322,6 +324,22 @@ def _intel(ctx: PlatformFacts, config: ProbeConfig) -> None:
     else:
         ctx.add("txt.registers", regs)
     _acms(ctx, config)
+
+
+def _dl_handler(ctx: PlatformFacts, path: str) -> Read:
+    """The TXT DL handler: present, and a binary whose header this relaunchd speaks."""
+    raw = ctx.root.read_bytes(path, limit=txt_dl_handler.MAX_IMAGE)
+    if not raw.ok or raw.value is None:
+        if raw.error == NOT_PRESENT:
+            return Read(path, {"present": False})
+        return Read(path, error=raw.error, detail=raw.detail)
+    try:
+        image = txt_dl_handler.parse(raw.value)
+    except txt_dl_handler.InvalidDlHandler as exc:
+        return Read(path, {"present": True, "valid": False, "error": str(exc)})
+    return Read(path, {"present": True, "valid": True, "abi": image.header.abi_version,
+                       "slrt_layout": image.header.slrt_layout,
+                       "sha256": hashlib.sha256(raw.value).hexdigest()})
 
 
 def _acms(ctx: PlatformFacts, config: ProbeConfig) -> None:

@@ -8,7 +8,8 @@ has already established that the CPU has SMX (drtm.md §3.1): on other CPUs
 
 Register map and bit meanings: drtm.md §3.2 (Intel TXT Software Development
 Guide, Appendix B "TXT Configuration Registers"; tboot config_regs.h).
-Secure Launch's own error codes: drtm.md §2.3.
+Secure Launch's own error codes: drtm.md §2.3; relaunchd's DL handler leaves
+0xC000C000 | reason when it resets the platform (formats/txt_dl_handler.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from relaunchd.formats import txt_dl_handler
 from relaunchd.platform.sysroot import GARBAGE, Read, SysRoot
 
 PUB_BASE = 0xFED30000
@@ -142,6 +144,10 @@ def decode_errorcode(value: int) -> ErrorCode:
         code = value & 0xFFF
         name = SL_ERRORS.get(code, "unknown")
         return ErrorCode(value, True, False, f"Secure Launch error 0x{code:03x} {name}")
+    handler = txt_dl_handler.reason_from_errorcode(value)
+    if handler is not None:
+        return ErrorCode(value, True, False, f"relaunchd DL handler reset: {handler.name} "
+                         f"({handler.text}) [{handler.id}]")
     if value & (1 << 30):
         source = "MLE" if value & (1 << 15) else "ACM"
         module = {0: "BIOS ACM", 1: "SINIT"}.get(value & 0xF, f"module type {value & 0xF}")

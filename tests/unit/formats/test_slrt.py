@@ -93,66 +93,41 @@ def test_entry_offsets():
     assert slrt.entry_offset(TABLE, slrt.TAG_DL_INFO) == 16
     assert slrt.entry_offset(TABLE, slrt.TAG_LOG_INFO) == 16 + 88
     assert slrt.entry_offset(TABLE, slrt.TAG_INTEL_INFO) == 16 + 88 + 24 + 128
-    assert slrt.entry_offset(TABLE, slrt.TAG_INTEL_INFO, layout=15) == 16 + 72 + 24 + 128
     off = slrt.entry_offset(TABLE, slrt.TAG_INTEL_INFO)
     assert EXPECTED_V16[off:off + 8] == h("04000000 30020000")
     with pytest.raises(InvalidTable):
         slrt.entry_offset(TABLE, slrt.TAG_AMD_INFO)
 
 
-@pytest.mark.parametrize(("layout", "dl", "intel"), [
-    (10, 72, 552), (11, 72, 552), (12, 72, 552), (13, 72, 552), (14, 72, 552),
-    (15, 72, 560), (16, 88, 560)])
-def test_entry_sizes_per_layout(layout, dl, intel):
-    t = dataclasses.replace(TABLE, entries=(
-        dataclasses.replace(DL, dlme_header_offset=0, dlme_config_table=0), LOG, POLICY,
-        dataclasses.replace(INTEL, boot_params_addr=0)))
-    b = slrt.build(t, layout=layout)
-    assert struct.unpack_from("<II", b, 16) == (1, dl)
-    assert struct.unpack_from("<II", b, 16 + dl + 24 + 128) == (4, intel)
-    assert slrt.parse(b, layout=layout) == t
+def test_only_the_v16_layout_is_built_or_read():
+    """relaunchd pins the SLRT to Secure Launch v16 (docs/slrt-policy.md "Which
+    revision"): its DL handler speaks only v16's dl_launch(bl_context, dlme), and the
+    older postings' INTEL_INFO layouts are contradictory between sources."""
+    for layout in (10, 12, 13, 14, 15):
+        with pytest.raises(Unsupported, match=f"v{layout} SLRT layout is not supported: "
+                                               "relaunchd builds and reads only the v16"):
+            slrt.build(TABLE, layout=layout)
+        with pytest.raises(Unsupported):
+            slrt.parse(EXPECTED_V16, layout=layout)
+    assert (slrt.dl_info_size(), slrt.intel_info_size()) == (88, 560)
 
 
-def test_v14_layout_bytes():
-    dl = dataclasses.replace(DL, dlme_header_offset=0, dlme_config_table=0)
-    intel = dataclasses.replace(INTEL, boot_params_addr=0)
-    b = slrt.build(slrt.Table(slrt.ARCH_INTEL_TXT, (dl, LOG, POLICY, intel), 1024), layout=14)
-    assert b[16:16 + 72] == (
-        h("01000000 48000000")
-        + h("0000030000000000 0000007f00000000 0000a00000000000 0000000100000000")
-        + h("c001000000000000")                               # +40 dlme_entry
-        + h("0100 000000000000 7856341200000000")             # +48 bl_context
-        + h("0000007e00000000"))                              # +64 dl_handler
-    off = 16 + 72 + 24 + 128
-    assert b[off:off + 48] == (
-        h("04000000 28020000")                                # size 552
-        + h("0000007a00000000")                               # +8  txt_heap
-        + h("8900850000000000")                               # +16 MISC_ENABLE
-        + h("060c000000000000 0200000000000000")              # +24 saved MTRRs
-        + h("0600000000000000"))
-    assert struct.unpack_from("<I", b, 8)[0] == 16 + 72 + 24 + 128 + 552 + 8
+def test_no_setup_data_type_of_ours_collides_with_the_kernels():
+    """No setup_data type is assigned to the SLRT in v16, and type 10, which an AMD
+    RFC used for SETUP_SECURE_LAUNCH, is mainline's SETUP_KEXEC_KHO
+    (arch/x86/include/uapi/asm/setup_data.h). relaunchd's node type stays far above
+    the kernel's enum, and AMD_INFO (header-only in v16) carries no setup_data."""
+    from relaunchd.formats.x86 import boot_params as bp
 
-
-def test_v15_intel_info_has_boot_params_but_dl_info_is_short():
-    b = slrt.build(dataclasses.replace(TABLE, entries=(
-        dataclasses.replace(DL, dlme_header_offset=0, dlme_config_table=0), LOG, POLICY,
-        INTEL)), layout=15)
-    off = 16 + 72 + 24 + 128
-    assert b[off:off + 24] == h("04000000 30020000 0000090000000000 0000007a00000000")
-
-
-def test_amd_info_bytes_and_skinit_table():
-    amd = slrt.AmdInfo(slrt_base=0x10000 + 0x1000, slrt_size=0x1000, boot_params_base=0x90000,
-                       psp_version=0x0102, setup_data_next=0, setup_data_len=0x30)
+    assert not hasattr(slrt, "SETUP_SECURE_LAUNCH")
+    setup_kexec_kho = 10
+    assert bp.SETUP_RELAUNCHD_SLRT not in range(0, 0x100)
+    assert setup_kexec_kho != bp.SETUP_RELAUNCHD_SLRT
+    amd = slrt.RawEntry(slrt.TAG_AMD_INFO)
     t = slrt.Table(slrt.ARCH_AMD_SKINIT, (DL, LOG, POLICY, amd), 4096)
     b = slrt.build(t)
     off = slrt.entry_offset(t, slrt.TAG_AMD_INFO)
-    assert b[off:off + 56] == (
-        h("05000000 38000000")
-        + h("0000000000000000 0a000000 30000000")            # setup_data {next, type 10, len}
-        + h("0010000000000000 0010010000000000 0000090000000000")  # slrt_size/base, boot params
-        + h("0201 000000000000"))                            # psp_version, reserved[3]
-    assert b[6:8] == h("0200")
+    assert b[off:off + 8] == h("05000000 08000000")
     assert slrt.parse(b) == t
 
 
@@ -315,14 +290,6 @@ def test_intel_info_mtrr_rules():
     reject(b, "beyond mtrr_vcnt")
 
 
-def test_amd_info_setup_data_type():
-    amd = slrt.AmdInfo(0x11000, 0x1000, 0x90000)
-    t = slrt.Table(slrt.ARCH_AMD_SKINIT, (DL, LOG, POLICY, amd), 1024)
-    off = slrt.entry_offset(t, slrt.TAG_AMD_INFO)
-    reject(set_u32(table_bytes(t), off + 16, 9), "setup_data type 9")
-    reject(set_u16(table_bytes(t), off + 52, 1), "reserved")
-
-
 def test_invalid_tag():
     t = dataclasses.replace(TABLE, entries=(*TABLE.entries, slrt.RawEntry(0x0100)))
     off = slrt.entry_offset(t, 0x0100)
@@ -359,16 +326,14 @@ def test_amd_table_needs_no_intel_info():
     assert slrt.parse(slrt.build(t)) == t
 
 
-def test_wrong_layout_is_detected():
-    reject(slrt.build(TABLE), "DL_INFO at 0x10: length 88, the layout needs 72", layout=15)
-    t14 = dataclasses.replace(TABLE, entries=(
-        dataclasses.replace(DL, dlme_header_offset=0, dlme_config_table=0), LOG, POLICY,
-        dataclasses.replace(INTEL, boot_params_addr=0)))
-    reject(slrt.build(t14, layout=14), "INTEL_INFO .* length 552, the layout needs 560",
-           layout=15)
+def test_a_table_of_an_older_layout_is_refused():
+    # v10–v15 DL_INFO is 72 bytes: a v16 reader sees a short entry, not garbage.
+    b = table_bytes()
+    set_u32(b, 16 + 4, 72)
+    reject(b, "DL_INFO at 0x10: length 72, the layout needs 88")
 
 
-@pytest.mark.parametrize("layout", [0, 8, 9, 17])
+@pytest.mark.parametrize("layout", [0, 8, 9, 15, 17])
 def test_unsupported_layouts(layout):
     with pytest.raises(Unsupported, match=f"v{layout} SLRT layout is not supported"):
         slrt.build(TABLE, layout=layout)
@@ -389,9 +354,6 @@ def test_builder_rejects_unrepresentable_tables():
         "field out of range")
     bad(with_entries(DL, dataclasses.replace(LOG, size=1 << 32), POLICY, INTEL),
         "field out of range")
-    bad(TABLE, "do not exist in the v15 layout", layout=15)
-    bad(with_entries(dataclasses.replace(DL, dlme_header_offset=0, dlme_config_table=0),
-                     LOG, POLICY, INTEL), "boot_params_addr does not exist", layout=14)
     long_label = slrt.PolicyEntry(17, slrt.ET_CMDLINE, 0, 1, "x" * 33)
     bad(with_entries(DL, LOG, slrt.EntryPolicy((long_label,)), INTEL), "≤ 32 ASCII")
     bad(with_entries(DL, LOG, slrt.EntryPolicy((dataclasses.replace(
@@ -400,8 +362,6 @@ def test_builder_rejects_unrepresentable_tables():
         long_label, evt_info="ok", pcr=16),)), INTEL), "PCR 16")
     bad(with_entries(DL, LOG, slrt.EntryPolicy(()), dataclasses.replace(
         INTEL, variable_mtrrs=(slrt.MtrrPair(0, 0),) * 33)), "33 variable MTRRs")
-    bad(with_entries(DL, LOG, POLICY, INTEL, slrt.RawEntry(slrt.TAG_AMD_INFO)),
-        "cannot carry tag 0x5")
     bad(with_entries(DL, LOG, POLICY, INTEL, slrt.RawEntry(0)), "cannot carry tag 0x0")
     bad(with_entries(DL, LOG, POLICY, INTEL, slrt.RawEntry(0x100, b"abc")), "multiple of 8")
     bad(with_entries(DL, DL, LOG, POLICY, INTEL), "duplicate entry with tag 0x1")
@@ -432,10 +392,8 @@ def policy_entries(draw) -> slrt.PolicyEntry:
 
 @st.composite
 def tables(draw, layout: int) -> slrt.Table:
-    v16 = layout >= 16
     dl = slrt.DlInfo(draw(u64), draw(u64), draw(u64), draw(u64), draw(u64), draw(u64),
-                     slrt.BlContext(draw(u16), draw(u64)),
-                     draw(u64) if v16 else 0, draw(u64) if v16 else 0)
+                     slrt.BlContext(draw(u16), draw(u64)), draw(u64), draw(u64))
     log = slrt.LogInfo(draw(u64), draw(u32), draw(st.sampled_from(slrt.LOG_FORMATS)))
     pol = slrt.EntryPolicy(tuple(draw(st.lists(policy_entries(), max_size=8))))
     arch = draw(st.sampled_from(slrt.ARCHITECTURES))
@@ -443,11 +401,8 @@ def tables(draw, layout: int) -> slrt.Table:
     if arch == slrt.ARCH_INTEL_TXT or draw(st.booleans()):
         pairs = draw(st.lists(st.builds(slrt.MtrrPair, u64, u64), max_size=32))
         entries.append(slrt.IntelInfo(draw(u64), draw(u64), draw(u64), tuple(pairs),
-                                      draw(u64) if layout >= 15 else 0))
-    if draw(st.booleans()):
-        entries.append(slrt.AmdInfo(draw(u64), draw(u64), draw(u64), draw(u16), draw(u64),
-                                    draw(u32)))
-    raw_tags = draw(st.lists(st.integers(6, 0xFFFE).filter(lambda t: t != 0x10),
+                                      draw(u64)))
+    raw_tags = draw(st.lists(st.integers(5, 0xFFFE).filter(lambda t: t != 0x10),
                              unique=True, max_size=3))
     for tag in raw_tags:
         n = draw(st.integers(0, 3))
@@ -562,9 +517,8 @@ def test_intel_info_measured_bytes():
     assert len(m) == 560
     own = EXPECTED_V16[INTEL_OFF:INTEL_OFF + 560]
     assert m == own[:8] + bytes(16) + own[24:]       # boot_params_addr, txt_heap zeroed
-    m14 = slrt.intel_info_measured_bytes(dataclasses.replace(INTEL, boot_params_addr=0),
-                                         layout=14)
-    assert len(m14) == 552 and m14[:16] == h("04000000 28020000") + bytes(8)
+    with pytest.raises(Unsupported):
+        slrt.intel_info_measured_bytes(INTEL, layout=14)
 
 
 def test_sealed_events():

@@ -25,7 +25,8 @@ EXPECTED = {
     },
     "amd-epyc-skinit": {
         "txt": (False, {"cpu-not-intel"}),
-        "skinit": (True, set()),
+        # Everything SKINIT needs is there, but no Secure Launch kernel accepts it.
+        "skinit": (False, {"skinit-no-kernel-support"}),
         "kexec": (True, set()),
     },
     "vm-no-tpm": {
@@ -44,7 +45,7 @@ EXPECTED = {
         "kexec": (True, set()),
     },
 }
-BEST = {"intel-txt-server": "txt", "intel-laptop-ptt": "kexec", "amd-epyc-skinit": "skinit",
+BEST = {"intel-txt-server": "txt", "intel-laptop-ptt": "kexec", "amd-epyc-skinit": "kexec",
         "vm-no-tpm": None, "secureboot-lockdown": "kexec", "txt-error": "kexec"}
 
 
@@ -147,3 +148,29 @@ def test_arm_and_empty_root(tmp_path):
     assert report.best is None
     assert "cpu-unknown" in {c.id for c in report.verdicts["txt"].reasons}
     assert report.facts["cpu.vendor"].error == "not-present"
+
+
+def test_dl_handler_is_validated_not_just_present(tmp_path):
+    """The shipped handler (build/dl-handler, installed into the fixture root as the
+    package installs it) satisfies `dl-handler`; anything else at that path is
+    `dl-handler-invalid`, nothing at all `dl-handler-missing`."""
+    root = materialize("intel-txt-server", tmp_path)
+    handler = root / "usr/lib/relaunchd/txt-dl-handler.bin"
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
+    check = next(c for c in report.verdicts["txt"].checks if c.id.startswith("dl-handler"))
+    assert (check.id, check.ok) == ("dl-handler", True)
+    assert report.facts["launch.dl_handler"].value["slrt_layout"] == 16
+    handler.write_bytes(b"placeholder DL handler (existence is checked)\n")
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
+    assert {c.id for c in report.verdicts["txt"].reasons} == {"dl-handler-invalid"}
+    handler.unlink()
+    report = assessment.assess(readiness.ProbeConfig(root=str(root)))
+    reason = report.verdicts["txt"].reasons[0]
+    assert reason.id == "dl-handler-missing" and "relaunchd package" in reason.remedy
+
+
+def test_skinit_refusal_names_the_kernel_side(tmp_path):
+    report = assessment.assess(readiness.ProbeConfig(
+        root=str(materialize("amd-epyc-skinit", tmp_path))))
+    reason = report.verdicts["skinit"].reasons[0]
+    assert "Intel TXT only" in reason.message and "kexec" in reason.remedy

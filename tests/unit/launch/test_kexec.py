@@ -58,4 +58,4 @@ def test_its_segment_loader_inputs_are_a_rehearsal(tmp_path):
     inputs = KexecMethod().segment_inputs(LaunchRequest(SysRoot(str(tmp_path)),
                                                         ProbeConfig(root=str(tmp_path))))
     assert inputs == SegmentInputs()
-    assert inputs.dce is None and inputs.dl_handler is None and inputs.intel_info is None
+    assert inputs.txt is None and inputs.intel_info is None

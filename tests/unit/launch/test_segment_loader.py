@@ -1,9 +1,9 @@
 """The Secure Launch segment loader's plan (relaunchd.launch.segment_loader) for Debian's
 kernel on a fixture root with a 2 GiB QEMU guest's firmware memory map: the segments it
-adds (the DRTM log, reserved in the new kernel's e820; the SINIT ACM, 4 KiB aligned below
-4 GiB; the DL handler), the SLRT it builds from where they landed (DL_INFO, LOG_INFO, the
-measurement policy, INTEL_INFO; drtm.md §1.2–§1.4), the RSDP from the EFI system table, and
-the predicted sealing events. `load` (the syscall) is never called here.
+adds (the DRTM log, reserved in the new kernel's e820), the SLRT it builds from where they
+landed (DL_INFO, LOG_INFO, the measurement policy, INTEL_INFO; drtm.md §1.2–§1.4), the
+RSDP from the EFI system table, and the predicted sealing events. `load` (the syscall) is
+never called here.
 
 The zero page is read at the offsets Documentation/arch/x86/zero-page.rst gives (0x070
 acpi_rsdp_addr, 0x1E8 e820_entries, 0x2D0 e820_table of 20-byte entries) and 0x078
@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.platforms.build import build_acm
-from relaunchd.errors import NotReady, Unsupported
+from relaunchd.errors import Unsupported
 from relaunchd.formats import slrt
 from relaunchd.formats.pe import FileRange
 from relaunchd.launch import segment_loader
-from relaunchd.launch.segment_loader import LOG_SIZE, MLE_ENTRY_OFFSET, SegmentInputs
+from relaunchd.launch.segment_loader import LOG_SIZE, SegmentInputs
 from relaunchd.platform.sysroot import SysRoot
 from support.memmaps import QEMU_2G, write_memmap
 
@@ -67,7 +66,9 @@ def test_a_rehearsal_plan(kernel, root):
     found = entries(content.table)
     dl = found[slrt.DlInfo]
     assert (dl.dce_base, dl.dce_size, dl.dl_launch) == (0, 0, 0)      # no DCE: a rehearsal
-    assert dl.dlme_base == seg["kernel"].address and dl.dlme_entry == MLE_ENTRY_OFFSET
+    # The MLE's size and entry come from the kernel's own MLE header, which exists only
+    # after decompression: the DL handler fills them in (docs/slrt-policy.md).
+    assert dl.dlme_base == seg["kernel"].address and (dl.dlme_size, dl.dlme_entry) == (0, 0)
     assert dl.dlme_config_table == plan.zero_page_address
     log = found[slrt.LogInfo]
     assert (log.addr, log.size) == (seg["drtm-log"].address, LOG_SIZE)
@@ -82,29 +83,9 @@ def test_a_rehearsal_plan(kernel, root):
     assert content.seal_pcr == slrt.SEAL_PCR and content.layout == slrt.LAYOUT_V16
 
 
-def test_a_txt_plan_places_the_acm_and_the_handler(kernel, root):
-    acm = build_acm()
-    handler = b"\xf4" * 300
-    info = slrt.IntelInfo(txt_heap=0x7A380000, saved_misc_enable=0x850089, default_mem_type=6)
-    inputs = SegmentInputs(dce=acm, dl_handler=handler, dl_handler_entry=0x40, intel_info=info)
-    plan, content = segment_loader.plan(kernel, None, CMDLINE, SysRoot(str(root)), inputs)
-    seg = {s.name: s for s in plan.segments}
-    sinit, dl_handler = seg["sinit"], seg["dl-handler"]
-    assert bytes(sinit.data) == acm and bytes(dl_handler.data) == handler
-    assert sinit.address % 4096 == 0 and sinit.end <= 4 * GiB        # TXT SDG §A.1
-    found = entries(content.table)
-    dl = found[slrt.DlInfo]
-    assert dl.dce_base == sinit.address and dl.dce_size == sinit.memsz
-    assert dl.dl_launch == dl_handler.address + 0x40
-    intel = found[slrt.IntelInfo]
-    assert (intel.txt_heap, intel.saved_misc_enable) == (0x7A380000, 0x850089)
-    assert content.intel_info == intel
-
-
-def test_a_dce_without_a_handler_is_refused(kernel, root):
-    with pytest.raises(NotReady, match="both the DCE"):
-        segment_loader.plan(kernel, None, CMDLINE, SysRoot(str(root)),
-                            SegmentInputs(dce=build_acm()))
+# A txt plan (the ACM, the handler and its parameter block, the MLE page tables, the AP
+# wake block, below the low PMR) is staged from the real handler and checked field by
+# field, then run to GETSEC[SENTER], in tests/integration/test_txt_stage.py.
 
 
 def test_without_a_firmware_memory_map(kernel, tmp_path):

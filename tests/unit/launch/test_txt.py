@@ -6,6 +6,7 @@ configured ACM directories)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.platforms.build import materialize
-from relaunchd.errors import NotReady
+from relaunchd.errors import InvalidDlHandler, NotReady
 from relaunchd.launch.protocol import LaunchRequest
 from relaunchd.launch.txt import TxtMethod
 from relaunchd.platform import readiness
@@ -46,8 +47,9 @@ def request(root: Path, **kw) -> LaunchRequest:
 
 def test_a_ready_server_gives_the_acm_the_handler_and_intel_info(server):
     inputs = TxtMethod().segment_inputs(request(server))
-    assert inputs.dce == (server / "boot/SPR_SINIT_v1.2.BIN").read_bytes()   # the one that fits
-    assert inputs.dl_handler == (server / "usr/lib/relaunchd/txt-dl-handler.bin").read_bytes()
+    assert inputs.txt.acm == (server / "boot/SPR_SINIT_v1.2.BIN").read_bytes()  # the one that fits
+    shipped = (server / "usr/lib/relaunchd/txt-dl-handler.bin").read_bytes()
+    assert inputs.txt.handler_sha256 == hashlib.sha256(shipped).hexdigest()
     info = inputs.intel_info
     assert info.txt_heap == HEAP_BASE
     assert (info.saved_misc_enable, info.default_mem_type) == (MSRS[0x1A0], MSRS[0x2FF])
@@ -56,11 +58,24 @@ def test_a_ready_server_gives_the_acm_the_handler_and_intel_info(server):
 
 def test_explicit_files_override_what_the_probe_picks(server):
     (server / "opt").mkdir()
-    (server / "opt/handler.bin").write_bytes(b"\x90" * 64)
+    shipped = (server / "usr/lib/relaunchd/txt-dl-handler.bin").read_bytes()
+    (server / "opt/handler.bin").write_bytes(shipped)
+    # A copy of the ACM that fits, where the probe does not look, with one byte of its
+    # (unchecked) tail changed so the bytes show which file was taken.
+    acm = bytearray((server / "boot/SPR_SINIT_v1.2.BIN").read_bytes())
+    acm[-1] ^= 0xFF
+    (server / "opt/chosen.bin").write_bytes(acm)
     inputs = TxtMethod().segment_inputs(request(
-        server, sinit_acm="/boot/ADL_SINIT_v1.0.BIN", dl_handler="/opt/handler.bin"))
-    assert inputs.dce == (server / "boot/ADL_SINIT_v1.0.BIN").read_bytes()
-    assert inputs.dl_handler == b"\x90" * 64
+        server, sinit_acm="/opt/chosen.bin", dl_handler="/opt/handler.bin"))
+    assert inputs.txt.acm == bytes(acm)
+    assert inputs.txt.handler_path.endswith("/opt/handler.bin")
+
+
+def test_a_handler_that_is_not_relaunchds_is_refused(server):
+    (server / "opt").mkdir()
+    (server / "opt/handler.bin").write_bytes(b"\x90" * 64)
+    with pytest.raises(InvalidDlHandler, match="not relaunchd's TXT DL handler"):
+        TxtMethod().segment_inputs(request(server, dl_handler="/opt/handler.bin"))
 
 
 def test_the_configured_acm_directories_are_where_it_looks(server):
@@ -69,7 +84,7 @@ def test_the_configured_acm_directories_are_where_it_looks(server):
         (server / "boot" / name).rename(server / "opt/acm" / name)
     configured = ProbeConfig(root=str(server), acm_dirs=("/opt/acm",))
     inputs = TxtMethod().segment_inputs(request(server, probe=configured))
-    assert inputs.dce == (server / "opt/acm/SPR_SINIT_v1.2.BIN").read_bytes()
+    assert inputs.txt.acm == (server / "opt/acm/SPR_SINIT_v1.2.BIN").read_bytes()
     with pytest.raises(NotReady, match=r"sinit-acm-missing"):
         TxtMethod().segment_inputs(request(server))     # the default places: none there
 
@@ -88,7 +103,8 @@ def test_an_unreadable_msr_is_not_guessed(server):
 
 
 def test_an_unreadable_handler_is_named(server):
-    with pytest.raises(NotReady, match="cannot read the DL handler /opt/none.bin"):
+    with pytest.raises(NotReady,
+                       match="cannot open the TXT DL handler .*/opt/none.bin: No such file"):
         TxtMethod().segment_inputs(request(server, dl_handler="/opt/none.bin"))
 
 

@@ -43,11 +43,11 @@ def test_every_path_is_read_under_the_root(tmp_path):
     config = ProbeConfig(root=str(root), acm_dirs=("/opt/acm",), dl_handler="/opt/handler.bin",
                          skl="/opt/skl.bin")
     facts = readiness.read_facts(config).facts
-    assert facts["launch.dl_handler"].value is True
+    assert facts["launch.dl_handler"].value["valid"] is True
     assert facts["launch.dl_handler"].path == "/opt/handler.bin"
     assert facts["txt.acm_match"].value == "/opt/acm/SPR_SINIT_v1.2.BIN"
     default = readiness.read_facts(ProbeConfig(root=str(root))).facts
-    assert default["launch.dl_handler"].value is False
+    assert default["launch.dl_handler"].value == {"present": False}
     assert default["txt.acm_match"].value is None
 
 

@@ -1,10 +1,9 @@
 """The x86_64 `kexec_load` segment plan for a bzImage (formats layer: pure, no syscalls).
 
-Given the kernel, initrd, command line, an optional SLRT and extra segments (DL handler,
-SINIT ACM, DRTM log buffer), the firmware memory map and what the firmware handed over
-(ACPI RSDP, EFI), decide where every segment goes and build the bytes that depend on those
-addresses (zero page, setup_data chain, purgatory). `platform.kexec_syscalls` hands
-`plan.segments` to the syscall and `plan.entry` as the entry.
+Given the kernel, initrd, command line, an optional SLRT and extra blobs (DL handler, SINIT
+ACM, DRTM log buffer), the firmware memory map and what the firmware handed over, decide where every
+segment goes and build the bytes that depend on those addresses (zero page, setup_data chain,
+purgatory). `kexec.py` hands `plan.segments` to the syscall and `plan.entry` as the entry.
 
 Placement (kexec-load-notes.md, what booted; boot.rst "THE LINUX/x86 BOOT PROTOCOL"):
   * kernel: the protected-mode part of the file, at an address aligned to kernel_alignment
@@ -15,8 +14,11 @@ Placement (kexec-load-notes.md, what booted; boot.rst "THE LINUX/x86 BOOT PROTOC
     the kernel sets XLF_CAN_BE_LOADED_ABOVE_4G (then through the ext_* fields);
   * zero page, command line, setup_data chain, EFI memory map and purgatory: one page-rounded
     segment each, below 4 GiB;
-  * extra blobs: at a fixed address when given (e.g. TXT.SINIT.BASE), else anywhere that
-    meets their alignment and below-4-GiB constraint.
+  * extra blobs: at a fixed address when given (e.g. TXT.SINIT.BASE), directly below the
+    kernel when asked (the TXT MLE page tables, which SINIT wants adjacent to the MLE:
+    tboot and GRUB place them so), else anywhere that meets their alignment and
+    below-4-GiB constraint. A blob whose bytes depend on where things went (the DL
+    handler's parameter block) is filled in after placement, like the SLRT.
 Every placement is checked against the map by `memory_ranges` (the kernel does not,
 pitfall 4).
 
@@ -103,6 +105,10 @@ class SegmentRequest:
     below_4g: bool = True
     address: int | None = None   # fixed physical address (e.g. TXT.SINIT.BASE), else placed
     reserve: bool = False        # hand it to the next kernel as e820 "Reserved"
+    below_kernel: bool = False   # end exactly where the kernel segment starts
+    # Bytes that depend on the addresses ({segment name: (address, memsz)}, "slrt" and
+    # "slrt-table" included), called after placement; must return len(data) bytes.
+    fill: Callable[[Mapping[str, tuple[int, int]]], bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -209,9 +215,12 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
                   slrt: bytes | SlrtBuilder | None = None,
                   extras: Sequence[SegmentRequest] = (),
                   firmware: FirmwareInfo | None = None,
-                  cli: bool = True) -> SegmentPlan:
+                  cli: bool = True, kernel_below_4g: bool = False,
+                  ceiling: int = FOUR_GIB) -> SegmentPlan:
     """Place everything and build the zero page; raises InvalidKernel, InvalidArgument or
-    NoRoom naming what does not work."""
+    NoRoom naming what does not work. `kernel_below_4g`: a TXT MLE must lie
+    below 4 GiB whatever the kernel allows (its page tables are 32-bit). `ceiling`
+    lowers "below 4 GiB" for everything, the initrd included (TXT: the low PMR)."""
     firmware = firmware or FirmwareInfo()
     header = bp.parse_setup_header(kernel)
     cmdline = normalize_cmdline(cmdline, header)
@@ -222,7 +231,7 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
             raise InvalidArgument(f"segment name {blob.name!r} is used twice")
         seen.add(blob.name)
     alloc = Allocator(memmap)
-    low = FOUR_GIB
+    low = min(FOUR_GIB, ceiling)
 
     # 1. Fixed-address blobs first: they cannot move, everything else can.
     placed: dict[str, Placement] = {}
@@ -237,7 +246,7 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
 
     # 2. The kernel, covering init_size from an aligned base (pitfall 2).
     kernel_size = _page(max(header.init_size, header.kernel_size))
-    kernel_max = None if header.above_4g else low
+    kernel_max = None if header.above_4g and not kernel_below_4g else low
     if header.relocatable:
         placed[KERNEL] = alloc.place(
             KERNEL, kernel_size, align=header.kernel_alignment, min_addr=header.pref_address,
@@ -245,9 +254,13 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
     else:
         placed[KERNEL] = alloc.claim(KERNEL, header.pref_address, kernel_size)
 
-    # 3. Floating blobs.
+    # 3. Floating blobs; those that must sit right below the kernel first.
     for blob in extras:
-        if blob.address is None:
+        if blob.address is None and blob.below_kernel:
+            size = _page(max(blob.memsz, _size(blob.data)))
+            placed[blob.name] = alloc.claim(blob.name, placed[KERNEL].addr - size, size)
+    for blob in extras:
+        if blob.address is None and not blob.below_kernel:
             placed[blob.name] = alloc.place(
                 blob.name, max(blob.memsz, _size(blob.data)), align=blob.align,
                 max_addr=low if blob.below_4g else None)
@@ -285,10 +298,11 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
     initrd_size = 0 if initrd is None else _size(initrd)
     if initrd_size:
         try:
-            placed[INITRD] = alloc.place(INITRD, initrd_size, max_addr=header.initrd_addr_max + 1,
+            placed[INITRD] = alloc.place(INITRD, initrd_size,
+                                         max_addr=min(header.initrd_addr_max + 1, low),
                                          top_down=True)
         except NoRoom:
-            if not header.above_4g:
+            if not header.above_4g or ceiling < FOUR_GIB:
                 raise
             placed[INITRD] = alloc.place(INITRD, initrd_size, top_down=True)
 
@@ -310,6 +324,14 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
             nodes[0] = bp.SetupDataNode(bp.SETUP_RELAUNCHD_SLRT,
                                         data + bytes(slrt_size - len(data)))
         setup_bytes, _ = bp.build_setup_data(nodes, base)
+    filled: dict[str, Source] = {}
+    for blob in extras:
+        if blob.fill is not None:
+            data = blob.fill(addresses)
+            if len(data) != _size(blob.data):
+                raise InvalidArgument(f"{blob.name}: filled in {len(data)} bytes, "
+                                      f"{_size(blob.data)} were planned")
+            filled[blob.name] = data
     efi_info = None
     if efi is not None:
         efi_info = bp.EfiInfo(systab=efi.systab, memmap=placed[EFI_MEMMAP].addr,
@@ -339,7 +361,7 @@ def plan_segments(kernel: FileRange, *, cmdline: bytes, memmap: MemoryMap,
     segments.append(Segment(PURGATORY, placed[PURGATORY].addr, PAGE, purgatory))
     for blob in extras:
         p = placed[blob.name]
-        segments.append(Segment(blob.name, p.addr, p.size, blob.data))
+        segments.append(Segment(blob.name, p.addr, p.size, filled.get(blob.name, blob.data)))
     if len(segments) > KEXEC_SEGMENT_MAX:
         raise InvalidArgument(
             f"{len(segments)} segments; kexec_load takes at most {KEXEC_SEGMENT_MAX}")

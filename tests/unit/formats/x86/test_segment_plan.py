@@ -248,3 +248,55 @@ def test_initrd_above_4g_only_as_fallback(kernel):
     hi, size_hi = struct.unpack_from("<II", plan.zero_page, 0x0C0)
     assert (hi << 32 | lo, size_hi << 32 | size) == (i.address, 40 * MiB)
     assert all(s.end <= 4 * GiB for s in plan.segments if s.name != "initrd")
+
+
+def test_segment_loader_slrt_sizes_are_exact(kernel, tmp_path):
+    """The issue's case: an initrd of 0x49590 bytes sits in a 0x4a000-byte segment, and
+    the SLRT's RAMDISK entry must say 0x49590 (what the kernel hashes; the predicted
+    event hashes exactly those bytes). DL_INFO's dlme_size/dlme_entry are left to the
+    DL handler (the MLE header exists only after decompression)."""
+    from relaunchd.formats import slrt
+    from relaunchd.launch import segment_loader
+    from relaunchd.platform.sysroot import SysRoot
+    from support.memmaps import write_memmap
+
+    write_memmap(tmp_path, QEMU_2G)
+    data = hashlib.shake_256(b"small initrd").digest(0x49590)
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        plan, content = segment_loader.plan(kernel, FileRange(f.fileno(), 0, len(data)),
+                                            CMDLINE, SysRoot(str(tmp_path)),
+                                            segment_loader.SegmentInputs())
+        events = segment_loader.predicted_events(
+            content, cmdline=CMDLINE, initrd_digests={"sha256": hashlib.sha256(data).digest()})
+    assert plan.segment("initrd").memsz == 0x4A000
+    table = slrt.parse(content.table)
+    dl = next(e for e in table.entries if isinstance(e, slrt.DlInfo))
+    ramdisk = next(p for p in content.policy.entries if p.entity_type == slrt.ET_RAMDISK)
+    assert (ramdisk.entity, ramdisk.size) == (plan.segment("initrd").address, 0x49590)
+    assert events[0].label == "Measured Kernel initrd"
+    assert events[0].digests["sha256"] == hashlib.sha256(data).digest()
+    assert (dl.dlme_base, dl.dlme_size, dl.dlme_entry) == (plan.segment("kernel").address, 0, 0)
+    assert (dl.dce_base, dl.dce_size, dl.dl_launch) == (0, 0, 0)      # rehearsal: no DCE
+
+
+def test_blob_below_the_kernel_and_filled_after_placement(kernel):
+    seen = {}
+
+    def fill(addresses):
+        seen.update(addresses)
+        return struct.pack("<Q", addresses["kernel"][0]) + bytes(8)
+
+    extras = [sg.SegmentRequest("ptab", b"", memsz=0x5000, below_kernel=True),
+              sg.SegmentRequest("filled", bytes(16), fill=fill)]
+    plan = sg.plan_segments(kernel, cmdline=b"x", memmap=MEMMAP, extras=extras,
+                            kernel_below_4g=True, ceiling=0x40000000)
+    seg = {s.name: s for s in plan.segments}
+    assert seg["ptab"].address + seg["ptab"].memsz == seg["kernel"].address
+    assert seg["filled"].data == struct.pack("<Q", seg["kernel"].address) + bytes(8)
+    assert seen["ptab"] == (seg["ptab"].address, 0x5000)
+    assert all(s.end <= 0x40000000 for s in plan.segments)
+    with pytest.raises(InvalidArgument, match="filled in 8 bytes, 16 were planned"):
+        sg.plan_segments(kernel, cmdline=b"x", memmap=MEMMAP,
+                         extras=[sg.SegmentRequest("bad", bytes(16), fill=lambda a: bytes(8))])
