@@ -15,6 +15,8 @@ import struct
 import pytest
 
 from fixtures.platforms.build import materialize
+from relaunchd.engine.host_machine import HostMachine
+from relaunchd.engine.stage import record_for
 from relaunchd.errors import NotReady
 from relaunchd.formats import slrt
 from relaunchd.formats import txt_dl_handler as dlh
@@ -98,6 +100,11 @@ def test_dry_run_stages_the_handler_and_it_runs_to_senter(server, tmp_path):
     out = tmp_path / "out"
     try:
         staging.write_artifacts(staged, str(out))
+        # The handler file is one of the items relaunchd extends into its PCR at the
+        # relaunch (engine.relaunch.MEASURED_ITEMS), hashed from the file as shipped.
+        measured = HostMachine(MsrRoot(str(root)), readiness.ProbeConfig(root=str(root))
+                               ).digests(staged, ("sha256", "sha384"))
+        recorded = record_for(staged).dl_handler
         segments = {}
         for seg in staged.segment_plan.segments:
             data = seg.data
@@ -112,6 +119,10 @@ def test_dry_run_stages_the_handler_and_it_runs_to_senter(server, tmp_path):
     shipped = HANDLER_BIN.read_bytes()
     seg = {s["name"]: s for s in plan["segments"]["segments"]}
     assert plan["dl_handler"]["sha256"] == hashlib.sha256(shipped).hexdigest()
+    assert measured["dl-handler"] == {"sha256": hashlib.sha256(shipped).hexdigest(),
+                                      "sha384": hashlib.sha384(shipped).hexdigest()}
+    assert recorded == {"path": plan["dl_handler"]["path"],
+                        "sha256": plan["dl_handler"]["sha256"]}
     assert plan["dl_handler"]["address"] == seg["dl-handler"]["address"]
 
     # dl-handler.bin is the shipped binary with its parameter block filled in.

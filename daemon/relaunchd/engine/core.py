@@ -367,4 +367,5 @@ def _staged_json(record: state.StagedRecord | None) -> dict:
             "staged_at": record.staged_at, "quiesce": copy.deepcopy(record.quiesce),
             # From a boot entry: which one, and what its signature covers.
             **({"entry": dict(record.entry), "signed": list(record.signed),
-                "unsigned": list(record.unsigned)} if record.entry else {})}
+                "unsigned": list(record.unsigned)} if record.entry else {}),
+            **({"dl_handler": dict(record.dl_handler)} if record.dl_handler else {})}

@@ -21,7 +21,14 @@ from relaunchd.engine.machine import BootFacts, Progress
 from relaunchd.errors import InvalidArgument, InvalidImage, KexecFailed, RelaunchError
 from relaunchd.formats import uki
 from relaunchd.launch import assessment, entry_staging, staging
-from relaunchd.platform import image_files, inhibitors, quiesce, tpm, tpm_extend_log
+from relaunchd.platform import (
+    image_files,
+    inhibitors,
+    quiesce,
+    tpm,
+    tpm_extend_log,
+    txt_registers,
+)
 from relaunchd.platform.boot_entries import ListedEntry, Listing, list_entries
 from relaunchd.platform.readiness import ProbeConfig
 from relaunchd.platform.sysroot import SysRoot
@@ -161,7 +168,8 @@ class HostMachine:
     def digests(self, staged: staging.StagedImage,
                 banks: Sequence[str]) -> dict[str, dict[str, str]]:
         """From the sealed memfds: kernel, initrd (when there is one) and the command line
-        as the kernel gets it (UTF-8, without the terminating NUL)."""
+        as the kernel gets it (UTF-8, without the terminating NUL); for a TXT launch also
+        the DL handler file."""
         out = {"kernel": _hex(tpm_extend_log.digests_for(staged.kernel.fd, staged.kernel.size,
                                                          banks))}
         if staged.initrd is not None:
@@ -169,6 +177,11 @@ class HostMachine:
                                                             staged.initrd.size, banks))
         text = staged.cmdline.text.encode()
         out["cmdline"] = {b: hashlib.new(b, text).hexdigest() for b in banks}
+        if staged.dl_handler_file is not None:
+            # The code that runs GETSEC[SENTER] is relaunchd's choice too; the file as
+            # installed (the parameter block filled in at staging derives from the rest).
+            out["dl-handler"] = {b: hashlib.new(b, staged.dl_handler_file).hexdigest()
+                                 for b in banks}
         return out
 
     # ------------------------------------------------------------ readiness
@@ -262,11 +275,16 @@ class HostMachine:
                         "reset_state": read.value.reset_state}
             else:
                 pcrs = {"error": read.detail if read is not None else "no TPM"}
+        errorcode = None
+        if drtm:
+            registers = txt_registers.read_registers(self.root)
+            if registers.ok and isinstance(registers.value, txt_registers.TxtRegisters):
+                errorcode = registers.value.errorcode
         return BootFacts(
             boot_id=self.boot_id(), cmdline=cmdline.value if cmdline.ok else None,
             kernel_started=started, now=time.time(),
             slaunch=self.root.is_dir(SLAUNCH_DIR), drtm_pcrs=pcrs,
-            drtm_log=drtm_log, drtm_log_error=drtm_log_error)
+            drtm_log=drtm_log, drtm_log_error=drtm_log_error, txt_errorcode=errorcode)
 
 
 def _injected_failure() -> FailAt | None:

@@ -42,6 +42,10 @@ class BootFacts:
     drtm_pcrs: dict[str, Any]       # {"bank", "values", "reset_state"} or {"error": ...}
     drtm_log: bytes | None = None   # securityfs slaunch/eventlog (DRTM methods only)
     drtm_log_error: str | None = None
+    # TXT.ERRORCODE after a txt relaunch (None: not read, or no TXT): a launch that reset
+    # the machine leaves its reason there (SINIT's, Secure Launch's or relaunchd's DL
+    # handler's own reset codes, platform.txt_registers.decode_errorcode).
+    txt_errorcode: int | None = None
 
 
 class Machine(Protocol):

@@ -40,6 +40,7 @@ from relaunchd.errors import InvalidEventLog, NoTpm, RelaunchAborted, RelaunchEr
 from relaunchd.formats import eventlog
 from relaunchd.formats.slrt import SL_EVTYPE_SECURE_LAUNCH
 from relaunchd.launch import registry
+from relaunchd.platform import txt_registers
 from relaunchd.platform.tpm import DRTM_LAUNCH_PCRS
 from relaunchd.platform.tpm_extend_log import ReplayResult
 
@@ -195,6 +196,9 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
         if not facts.slaunch:
             mismatches.append("no Secure Launch in this boot (/sys/kernel/security/slaunch "
                               "is missing)")
+            failure = launch_failure(facts.txt_errorcode)
+            if failure:
+                mismatches.append(failure)
         if "error" in pcrs:
             mismatches.append(f"PCRs 17/18 unreadable: {pcrs['error']}")
         elif pcrs.get("reset_state", True):
@@ -236,9 +240,23 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
     }
     if drtm_method:
         result["drtm_log"] = drtm_log
+        if facts.txt_errorcode is not None:
+            result["txt_errorcode"] = f"{facts.txt_errorcode:#010x}"
     if fallback:
         result["fallback"] = {"reason": pending.fallback_reason or ""}
     return result
+
+
+def launch_failure(errorcode: int | None) -> str | None:
+    """Why a TXT launch did not happen, when TXT.ERRORCODE says: a reset by SINIT, by
+    Secure Launch or by relaunchd's DL handler before GETSEC[SENTER] (its reason codes,
+    formats.txt_dl_handler). None when the register is unread or holds no error."""
+    if errorcode is None:
+        return None
+    decoded = txt_registers.decode_errorcode(errorcode)
+    if decoded.success or not decoded.valid:
+        return None
+    return f"the dynamic launch failed: TXT.ERRORCODE {errorcode:#010x}, {decoded.text}"
 
 
 def check_drtm_log(prediction: dict[str, Any] | None, facts: BootFacts

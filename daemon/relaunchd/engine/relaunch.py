@@ -266,7 +266,8 @@ class Relauncher:
                       {"error": error.name, "message": message, "handoff": kind})
 
 
-MEASURED_ITEMS = ("kernel", "initrd", "cmdline")    # in this order, into one PCR
+# In this order, into one PCR; initrd and dl-handler only when staged.
+MEASURED_ITEMS = ("kernel", "initrd", "cmdline", "dl-handler")
 
 
 def readiness(config: Config, machine: Machine, record: StagedRecord,
@@ -312,7 +313,7 @@ def measure(config: Config, machine: Machine, record: StagedRecord) -> dict[str,
     for label in MEASURED_ITEMS:
         digests = record.digests.get(label)
         if digests is None:
-            continue                      # no initrd
+            continue                      # no initrd, or no DL handler
         missing = [b for b in cfg.banks if b not in digests]
         if missing:
             # Staged under another configuration: the digests of a bank are not known.

@@ -467,5 +467,7 @@ def record_for(staged: Any) -> state.StagedRecord:
         kernel_sha256=staged.kernel.sha256,
         initrd_sha256=staged.initrd.sha256 if staged.initrd is not None else None,
         cmdline=staged.cmdline.text, staged_at=state.now(),
+        dl_handler={k: plan["dl_handler"][k] for k in ("path", "sha256")}
+        if plan.get("dl_handler") else {},
         predictions={"pcr11": plan.get("pcr11"), "pcr11_phases": plan.get("pcr11_phases"),
                      **({"drtm": plan["drtm"]} if plan.get("drtm") else {})})

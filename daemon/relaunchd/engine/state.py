@@ -116,6 +116,8 @@ class StagedRecord(_Record):
     entry: dict = field(default_factory=dict)
     signed: list = field(default_factory=lambda: ["image"])   # what a verified signature covers
     unsigned: list = field(default_factory=list)              # staged parts no one signed
+    # txt: the DL handler file staged with it ({"path", "sha256"}); empty otherwise.
+    dl_handler: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ class StagedImage:
     drtm_events: list = field(default_factory=list)   # slrt.PredictedEvent, policy order
     addons: list[dict] = field(default_factory=list)  # addons.describe(): what was applied
     dl_handler: dict | None = None       # txt: the handler file's path, sha256, size, entry
+    dl_handler_file: bytes | None = None  # txt: the handler as installed (it is measured)
 
     def close(self) -> None:
         for blob in (self.image, self.kernel, self.initrd):
@@ -543,6 +544,7 @@ def plan_segments(staged: StagedImage, options: StageOptions, inputs: Any) -> No
                              "sha256": inputs.txt.handler_sha256,
                              "size": len(inputs.txt.handler.data),
                              "entry_offset": inputs.txt.handler.header.entry_offset}
+        staged.dl_handler_file = inputs.txt.handler.data
     # What a Secure Launch kernel will extend into the sealing PCR, from our own SLRT
     # policy; the next boot checks the DRTM log against it.
     staged.drtm_seal_pcr = content.seal_pcr

@@ -199,3 +199,26 @@ def test_a_drtm_log_with_a_changed_event_is_not_verified(env):
     assert any("does not replay to PCR 17" in m for m in last["mismatches"])
     assert any("'Measured Kernel command line' (PCR 17) sha256" in m
                for m in last["mismatches"])
+
+
+@pytest.mark.parametrize(("errorcode", "named"), [
+    # relaunchd's DL handler reset before GETSEC[SENTER] (abi.h RLD_REASON_NOT_BSP = 2)
+    (0xC000C002, "relaunchd DL handler reset: NOT_BSP (not running on the bootstrap "
+                 "processor) [dl-handler-not-bsp]"),
+    # Secure Launch's own error (SL_ERROR_HEAP_INVALID_DMAR, platform.txt_registers)
+    (0xC0008011, "Secure Launch error 0x011 HEAP_INVALID_DMAR"),
+])
+def test_a_txt_launch_that_reset_names_txt_errorcode(errorcode, named):
+    """No Secure Launch in the new boot: the machine came back through firmware. The
+    reason TXT.ERRORCODE holds (written before the reset) is in the mismatches."""
+    boot = dataclasses.replace(facts(None, {}), slaunch=False, txt_errorcode=errorcode,
+                               drtm_pcrs={"bank": "sha256", "values": {}, "reset_state": True})
+    result = evaluate(pending(), boot)
+    assert result["verified"] is False and result["txt_errorcode"] == f"{errorcode:#010x}"
+    assert f"the dynamic launch failed: TXT.ERRORCODE {errorcode:#010x}, {named}" in \
+        result["mismatches"]
+
+
+@pytest.mark.parametrize("errorcode", [None, 0, 0xC0000001])
+def test_no_txt_error_adds_no_reason(errorcode):
+    assert proof.launch_failure(errorcode) is None
