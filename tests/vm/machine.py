@@ -135,24 +135,32 @@ class Machine:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(img.disk),
                         "-F", "raw", str(overlay)], check=True, timeout=60,
                        capture_output=True)
-        self._start_swtpm()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.runtime / "agent.sock"))
         self._listener.listen(1)
+        self._launch(overlay)
+
+    def _launch(self, overlay: Path) -> None:
+        """swtpm and QEMU on the run directory's state (TPM, NVRAM, overlay), then the
+        agent channel: a power-on, the first or again after `power_cycle`."""
+        self._start_swtpm()
         cmd = self._qemu_command(overlay)
         (self.runtime / "qemu.cmd").write_text(" ".join(cmd) + "\n")
-        self.started_at = time.monotonic()
-        with open(self.runtime / "qemu.log", "wb") as qemu_log:
+        first = self._qemu is None
+        if first:
+            self.started_at = time.monotonic()
+        with open(self.runtime / "qemu.log", "ab") as qemu_log:
             self._qemu = subprocess.Popen(
                 cmd, stdin=None if self.spec.console_stdio else subprocess.DEVNULL,
                 stdout=None if self.spec.console_stdio else subprocess.DEVNULL,
                 stderr=qemu_log, start_new_session=not self.spec.console_stdio,
                 preexec_fn=_die_with_parent)
-        self._lifetime = threading.Timer(self.spec.max_lifetime, self._kill_processes)
-        self._lifetime.daemon = True
-        self._lifetime.start()
-        if not self.spec.console_stdio:
-            threading.Thread(target=self._follow_console, daemon=True).start()
+        if first:
+            self._lifetime = threading.Timer(self.spec.max_lifetime, self._kill_processes)
+            self._lifetime.daemon = True
+            self._lifetime.start()
+            if not self.spec.console_stdio:
+                threading.Thread(target=self._follow_console, daemon=True).start()
         self._listener.settimeout(1.0)
         deadline = time.monotonic() + 60
         while self._chan is None:
@@ -164,8 +172,9 @@ class Machine:
 
     def _start_swtpm(self) -> None:
         state = self.runtime / "tpm"
-        state.mkdir()
+        state.mkdir(exist_ok=True)          # kept across a power cycle, as the TPM's NV is
         sock = self.runtime / "swtpm.sock"
+        sock.unlink(missing_ok=True)
         # No --flags startup-*: the firmware (SeaBIOS) sends TPM2_Startup after
         # every reset, as on real hardware. --terminate: exit when QEMU does.
         self._swtpm = subprocess.Popen(
@@ -201,9 +210,13 @@ class Machine:
         if s.data_disk:
             cmd += ["-drive", f"file={s.data_disk},format=raw,if=virtio,readonly=on"]
         if s.esp:
+            # NVRAM and ESP are made once per run: a power cycle keeps both.
             variables = self.runtime / "OVMF_VARS.fd"
-            shutil.copyfile(OVMF_VARS, variables)
-            esp = fat_image(s.esp, self.runtime / "esp.img", s.esp_spare_mib or 0)
+            if not variables.exists():
+                shutil.copyfile(OVMF_VARS, variables)
+            esp = self.runtime / "esp.img"
+            if not esp.exists():
+                fat_image(s.esp, esp, s.esp_spare_mib or 0)
             read_only = ",readonly=on" if s.esp_spare_mib is None else ""
             cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                     "-drive", f"if=pflash,format=raw,unit=1,file={variables}",
@@ -215,7 +228,8 @@ class Machine:
             cmd += ["-nographic", "-serial", "mon:stdio"]
         else:
             cmd += ["-display", "none",
-                    "-chardev", f"file,id=con,path={self.runtime / 'console.log'}",
+                    # append: one log across a power cycle (the follower reads on).
+                    "-chardev", f"file,id=con,path={self.runtime / 'console.log'},append=on",
                     "-serial", "chardev:con"]
         if s.no_reboot:
             cmd.append("-no-reboot")
@@ -438,6 +452,24 @@ class Machine:
         old = self.boot_id()
         since = time.monotonic()
         self.run(command, timeout=60)
+        return self.wait_ready(timeout, since=since, not_boot_id=old)
+
+    def power_cycle(self, command: str, timeout: float = 600) -> Boot:
+        """Run `command` (a reboot request) in a machine started with -no-reboot: QEMU
+        ends at the guest's reset and is started again on the same disk overlay, NVRAM
+        and TPM state — a cold boot, as after a power cycle. Rebooting OVMF through a
+        warm reset under TCG has hung for good after "reboot: machine restart" (seen in
+        CI, not reproducible on demand); a fresh QEMU boots it as every first boot does."""
+        assert self.spec.no_reboot, "power_cycle needs MachineSpec(no_reboot=True)"
+        old = self.boot_id()
+        since = time.monotonic()
+        self.run(command, timeout=60)
+        self.wait_exit(timeout)
+        if self._chan:
+            self._chan.close()
+        self._chan, self._buf = None, b""
+        self._kill_processes()              # swtpm, if it has not ended with QEMU
+        self._launch(self.runtime / "overlay.qcow2")
         return self.wait_ready(timeout, since=since, not_boot_id=old)
 
     def poweroff(self, timeout: float = 180) -> None:

@@ -90,7 +90,7 @@ def loader_guest(vm_image, relaunchd_deb, tmp_path_factory, vm_timings
     work = tmp_path_factory.mktemp("vm-entries")
     esp, type1_cmdline, type2_cmdline = build_esp(vm_image, work)
     data = make_data_disk({"relaunchd.deb": relaunchd_deb}, work / "data.img")
-    with Machine(MachineSpec(vm_image, data_disk=data, esp=esp, no_reboot=False)) as machine:
+    with Machine(MachineSpec(vm_image, data_disk=data, esp=esp)) as machine:
         boot = machine.boot(timeout=BOOT_TIMEOUT)
         vm_timings.add("uefi_boot_to_ready", boot.seconds)
         # The data disk's mount has a 20 s device timeout (fstab, nofail): on a loaded
@@ -136,7 +136,7 @@ def test_oneshot_changes_the_next_boot(loader_guest):
     inside = json.loads(machine.run(LIST).output)
     assert (inside["next_boot"], inside["next_boot_reason"]) == (TYPE2, "LoaderEntryOneShot")
     assert inside["default"] == TYPE1
-    machine.transition("systemctl --no-block reboot", timeout=BOOT_TIMEOUT)
+    machine.power_cycle("systemctl --no-block reboot", timeout=BOOT_TIMEOUT)
     variables = json.loads(machine.run(READ_VARS).output)
     assert variables["LoaderEntrySelected"] == [TYPE2]
     assert "LoaderEntryOneShot" not in variables            # the loader used it up
