@@ -121,3 +121,9 @@ class RelaunchAborted(RelaunchError):
     """A relaunch ended before the hand-off (refused, interrupted, or the daemon was killed)."""
 
     name = "RelaunchAborted"
+
+
+class Interrupted(RelaunchError):
+    """A client was told to stop (SIGTERM, SIGHUP) while the system was not going down."""
+
+    name = "Interrupted"
