@@ -127,3 +127,10 @@ class Interrupted(RelaunchError):
     """A client was told to stop (SIGTERM, SIGHUP) while the system was not going down."""
 
     name = "Interrupted"
+
+
+class InvalidVolume(RelaunchError):
+    """An encrypted volume's metadata (LUKS2 header, token, /etc/crypttab line) that is
+    malformed or not what its format says."""
+
+    name = "InvalidVolume"

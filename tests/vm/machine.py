@@ -74,6 +74,11 @@ class MachineSpec:
     # (systemd-boot + a UKI), so systemd-stub measures the UKI into the TPM.
     esp: Path | None = None
     max_lifetime: float = 45 * 60
+    # Writable scratch disks, each (raw image, serial): /dev/disk/by-id/virtio-<serial>.
+    scratch_disks: tuple[tuple[Path, str], ...] = ()
+    # Guest port 22 forwarded from 127.0.0.1:<ssh_port> (QEMU user networking with
+    # restrict=on: the guest reaches nothing, only the host's loopback reaches it).
+    ssh_port: int | None = None
 
 
 @dataclass
@@ -83,6 +88,13 @@ class Boot:
     state: str  # systemctl is-system-running
     since: float  # time.monotonic() of the request
     ready: float  # time.monotonic() when ready
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a QEMU hostfwd)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -184,7 +196,7 @@ class Machine:
         s, img = self.spec, self.spec.image
         cmd = [
             QEMU, "-accel", "tcg", "-machine", "pc", "-smp", str(s.cpus),
-            "-m", str(s.memory_mib), "-nodefaults", "-no-user-config", "-nic", "none",
+            "-m", str(s.memory_mib), "-nodefaults", "-no-user-config",
             # cache=unsafe: the overlay is thrown away after the run. First drive:
             # the root is /dev/vda in every boot mode.
             "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
@@ -195,8 +207,16 @@ class Machine:
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT}",
             "-device", "virtio-rng-pci",
         ]
+        if s.ssh_port is None:
+            cmd += ["-nic", "none"]
+        else:
+            cmd += ["-nic", "user,model=virtio-net-pci,restrict=on,"
+                            f"hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22"]
         if s.data_disk:
             cmd += ["-drive", f"file={s.data_disk},format=raw,if=virtio,readonly=on"]
+        for n, (disk, serial) in enumerate(s.scratch_disks):
+            cmd += ["-drive", f"file={disk},format=raw,if=none,id=scratch{n},cache=unsafe",
+                    "-device", f"virtio-blk-pci,drive=scratch{n},serial={serial}"]
         if s.esp:
             variables = self.runtime / "OVMF_VARS.fd"
             shutil.copyfile(OVMF_VARS, variables)
