@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,40 @@ def test_clevis_token_policy_from_its_sealed_object(tmp_path, tpm):
     tang = {**protected, "clevis": {"pin": "tang", "tang": {}}}
     assert luks_tokens.clevis_token(3, {**token, "jwe": {
         "protected": b64u(json.dumps(tang).encode())}}) is None
+
+
+def test_check_cli_reports_volumes_under_root(tmp_path, tpm):
+    """`relaunchctl check --json --root` carries the prediction as "volumes"; the human
+    report says which volume will not unlock and what to do."""
+    first = luks_volume(tmp_path / "first.img")
+    second = luks_volume(tmp_path / "second.img")
+    extend(tpm, 7, b"secure boot state")
+    enroll(first, tpm, "--tpm2-pcrs=7")
+    enroll(second, tpm, "--tpm2-pcrs=7+15")
+    extend(tpm, 15, b"measured at runtime")
+    root = fixture_root(tmp_path, tpm, {"data1": first, "data2": second})
+    cli = [sys.executable, "-m", "relaunchd.cli", "check", "--root", str(root)]
+    done = subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode in (0, 1), done.stderr
+    volumes = {v["name"]: v for v in json.loads(done.stdout)["volumes"]}
+    assert set(volumes) == {"data1", "data2"}
+    assert volumes["data1"]["unlocks_after_relaunch"] is True
+    assert volumes["data2"]["unlocks_after_relaunch"] is False
+    for v in volumes.values():
+        assert {"name", "device", "pcrs", "unlocks_after_relaunch", "stale_pcrs", "reason",
+                "remedy"} <= set(v)
+    human = subprocess.run(cli, capture_output=True, text=True, timeout=60).stdout
+    assert "data1 (UUID=" in human and "PCRs 7): unlocks" in human
+    assert "data2 (UUID=" in human and "PCRs 7+15): DOES NOT UNLOCK" in human
+
+
+def test_broken_crypttab_is_reported_not_a_traceback(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "crypttab").write_text("only-one-field\n")
+    done = subprocess.run([sys.executable, "-m", "relaunchd.cli", "check", "--json",
+                           "--root", str(root)], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in done.stderr
+    [entry] = json.loads(done.stdout)["volumes"]
+    assert entry["unlocks_after_relaunch"] is False
+    assert "InvalidVolume: /etc/crypttab line 1: 1 fields" in entry["reason"]

@@ -61,6 +61,21 @@ class Context:
     pcrsig: Sequence[PcrSigEntry] | None = None   # the staged image's `.pcrsig`
 
 
+def image_pcrsig(path: str) -> list[PcrSigEntry]:
+    """The `.pcrsig` entries of the UKI a relaunch would boot (none: an empty list)."""
+    from relaunchd.formats import pcr11, uki
+
+    with uki.open_image(path) as image:
+        resolved = image.resolve()
+        section = resolved.sections.get(".pcrsig")
+        if section is None:
+            return []
+        try:
+            return pcr11.parse_pcrsig(image.read_section(section))
+        except pcr11.PcrSigError as exc:
+            raise InvalidVolume(f"{path}: {exc}") from None
+
+
 def pcrphase_active(root: SysRoot) -> bool:
     """Does systemd-pcrphase measure in this boot (and so in the relaunched ones)?"""
     return root.exists(STUB_PCR_VARIABLE) and any(root.exists(u) for u in PCRPHASE_UNITS)
