@@ -456,6 +456,16 @@ class Machine:
         self.run(command, timeout=60)
         return self.wait_ready(timeout, since=since, not_boot_id=old)
 
+    def transition_attached(self, command: str, timeout: float = 600,
+                            command_timeout: float = 180) -> tuple[Result, Boot]:
+        """Run `command` — a blocking relaunch request such as `relaunchctl relaunch
+        --wait` — attached: its exit status and output as the old system goes down
+        (the agent outlives the shutdown's unit stops), then wait for the next boot."""
+        old = self.boot_id()
+        since = time.monotonic()
+        result = self.run(command, timeout=command_timeout, check=False)
+        return result, self.wait_ready(timeout, since=since, not_boot_id=old)
+
     def poweroff(self, timeout: float = 180) -> None:
         """Clean shutdown; QEMU ends by itself. Falls back to close()'s kill."""
         if not self.running:

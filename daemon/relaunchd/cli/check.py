@@ -11,7 +11,9 @@ import json
 import sys
 from typing import Any
 
-from relaunchd.platform import readiness
+from relaunchd.formats.firmware_time import FirmwareTime
+from relaunchd.platform import firmware_time, readiness
+from relaunchd.platform.sysroot import SysRoot
 
 EXIT_READY = 0
 EXIT_NOT_READY = 1
@@ -55,12 +57,15 @@ def run(args: argparse.Namespace) -> int:
         dl_handler=args.dl_handler, skl=args.skl, tpm_tcti=args.tpm_tcti)
     report = readiness.probe(config)
     volumes = sealed_volumes_of(args)
+    saved = firmware_time.last_cold_boot(SysRoot(args.root))
     if args.json:
-        json.dump({**report.to_json(), "volumes": volumes}, sys.stdout, indent=2, default=str)
+        json.dump({**report.to_json(), "volumes": volumes, "firmware_time": saved.to_json()},
+                  sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render(report, args.method))
         sys.stdout.write(render_volumes(volumes))
+        sys.stdout.write(render_firmware_time(saved))
     ready = report.best is not None if args.method == "auto" \
         else report.verdicts[args.method].ready
     return EXIT_READY if ready else EXIT_NOT_READY
@@ -71,7 +76,6 @@ def sealed_volumes_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     with /etc/crypttab or the image is one entry saying so, not a failed check."""
     from relaunchd.errors import RelaunchError
     from relaunchd.platform import sealed_volumes
-    from relaunchd.platform.sysroot import SysRoot
 
     method = "kexec" if args.method == "auto" else args.method
     try:
@@ -82,6 +86,14 @@ def sealed_volumes_of(args: argparse.Namespace) -> list[dict[str, Any]]:
         return [{"name": None, "device": None, "pcrs": [], "unlocks_after_relaunch": False,
                  "stale_pcrs": [], "reason": f"{exc.name}: {exc}", "remedy": None,
                  "error": str(exc)}]
+
+
+def render_firmware_time(saved: FirmwareTime) -> str:
+    if saved.avoided_usec is None:
+        return f"\nFirmware time a relaunch avoids: unknown ({saved.reason})\n"
+    return (f"\nFirmware time a relaunch avoids: {saved.avoided_usec / 1e6:.3f} s "
+            f"(firmware {saved.firmware_usec / 1e6:.3f} s + boot loader "
+            f"{saved.loader_usec / 1e6:.3f} s on the last cold boot, from {saved.source})\n")
 
 
 def render_volumes(volumes: list[dict[str, Any]]) -> str:
