@@ -215,8 +215,11 @@ class Machine:
         if s.data_disk:
             cmd += ["-drive", f"file={s.data_disk},format=raw,if=virtio,readonly=on"]
         for n, (disk, serial) in enumerate(s.scratch_disks):
+            # The last PCI slots: QEMU creates -device devices before the if=virtio
+            # drives, and Linux names virtio disks in slot order; the root stays vda.
             cmd += ["-drive", f"file={disk},format=raw,if=none,id=scratch{n},cache=unsafe",
-                    "-device", f"virtio-blk-pci,drive=scratch{n},serial={serial}"]
+                    "-device", f"virtio-blk-pci,drive=scratch{n},serial={serial},"
+                               f"addr={0x1f - len(s.scratch_disks) + 1 + n:#x}"]
         if s.esp:
             variables = self.runtime / "OVMF_VARS.fd"
             shutil.copyfile(OVMF_VARS, variables)
