@@ -50,10 +50,16 @@ def test_fpdt_when_there_are_no_loader_variables(tmp_path):
     assert (got.source, got.firmware_usec, got.loader_usec) == ("acpi-fpdt", 5855973, 8469533)
 
 
-def test_loader_variables_win_over_fpdt_as_in_systemd(tmp_path):
+def test_fpdt_wins_over_loader_variables_as_in_systemd_252(tmp_path):
     got = firmware_time.last_cold_boot(tree(tmp_path, INIT_1234567, EXEC_4234567, fpdt={
         "bootloader_launch_ns": "9000000000", "exitbootservice_end_ns": "9500000000"}))
-    assert got.source == "systemd-boot"
+    assert (got.source, got.firmware_usec, got.loader_usec) == ("acpi-fpdt", 9000000, 500000)
+
+
+def test_a_refused_fpdt_falls_back_to_the_loader_variables(tmp_path):
+    got = firmware_time.last_cold_boot(tree(tmp_path, INIT_1234567, EXEC_4234567, fpdt={
+        "bootloader_launch_ns": "9000000000", "exitbootservice_end_ns": "0"}))
+    assert got.source == "systemd-boot" and got.firmware_usec == 1234567
 
 
 def test_bios_boot_is_unknown(tmp_path):

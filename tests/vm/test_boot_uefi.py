@@ -7,6 +7,7 @@ same UKI) must reproduce the real value."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -56,3 +57,31 @@ def test_pcr11_matches_relaunchd_prediction(uefi_guest):
     for phase in phases:
         expected = extend(expected, phase)
     assert uefi_guest.run(PCR11).output.strip() == expected
+
+
+def _timespan_usec(text: str) -> int:
+    """systemd's format_timespan() as systemd-analyze prints it ("1min 2.345s", "567ms")."""
+    units = {"min": 60_000_000, "s": 1_000_000, "ms": 1000, "us": 1}
+    total = 0.0
+    for number, unit in re.findall(r"([\d.]+)(min|ms|us|s)\b", text):
+        total += float(number) * units[unit]
+    return round(total)
+
+
+def test_firmware_time_comes_from_the_boot_loader_variables(uefi_guest):
+    """What a relaunch saves: OVMF + systemd-boot's time on this (cold) boot, read by
+    relaunchd from systemd-boot's LoaderTime*USec variables and checked against
+    systemd's own reading of them (`systemd-analyze time`: firmware, loader)."""
+    saved = json.loads(uefi_guest.run("relaunchctl check --json", check=False).output)[
+        "firmware_time"]
+    assert saved["source"] == "systemd-boot", saved
+    assert saved["firmware_usec"] > 0 and saved["loader_usec"] > 0
+    assert saved["avoided_usec"] == saved["firmware_usec"] + saved["loader_usec"]
+    analyze = uefi_guest.run("systemd-analyze time").output
+    found = re.search(r"in (.+?) \(firmware\) \+ (.+?) \(loader\)", analyze)
+    assert found, analyze
+    # format_timespan rounds to milliseconds here.
+    assert abs(_timespan_usec(found.group(1)) - saved["firmware_usec"]) <= 1000, analyze
+    assert abs(_timespan_usec(found.group(2)) - saved["loader_usec"]) <= 1000, analyze
+    human = uefi_guest.run("relaunchctl check", check=False).output
+    assert "Firmware time a relaunch avoids:" in human and "from systemd-boot" in human

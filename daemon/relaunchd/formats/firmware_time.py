@@ -1,16 +1,11 @@
 """How long firmware and boot loader took on the last cold boot (formats layer).
 
 A relaunch skips both, so their time is what each relaunch saves. Two sources,
-tried in systemd's order (src/core/main.c → efi_loader_get_boot_usec first,
-acpi_get_boot_usec second):
+tried in systemd 252's order (src/shared/boot-timestamps.c, boot_timestamps():
+acpi_get_boot_usec first, efi_loader_get_boot_usec second; `systemd-analyze time`
+shows the time until the boot loader started as "firmware" and the rest until the
+kernel as "loader"):
 
-- systemd-boot's EFI variables LoaderTimeInitUSec (when the boot loader started)
-  and LoaderTimeExecUSec (when it started the kernel), microseconds since the
-  CPU's reset as the loader's timer counts them. In efivarfs each file is the
-  variable's 4 attribute bytes (little-endian) followed by its data, here a
-  NUL-terminated UTF-16LE decimal string (systemd src/boot/efi/util.c
-  efivar_set_uint64_str / efivar_set). systemd refuses Exec == 0, Exec < Init
-  and Exec − Init > 1 h (src/shared/efi-loader.c, efi_loader_get_boot_usec).
 - ACPI FPDT, the Firmware Basic Boot Performance Record (ACPI 6.5 §5.2.24.7:
   ResetEnd, OsLoaderLoadImageStart, OsLoaderStartImageStart,
   ExitBootServicesEntry, ExitBootServicesExit, ns), as Linux 5.12+ exposes it in
@@ -20,10 +15,17 @@ acpi_get_boot_usec second):
   exitbootservice_end_ns − bootloader_launch_ns; exitbootservice_end_ns == 0
   means a non-UEFI boot, and systemd refuses launch == 0, end < launch and
   end > 1 h (src/shared/acpi-fpdt.c).
+- systemd-boot's EFI variables LoaderTimeInitUSec (when the boot loader started)
+  and LoaderTimeExecUSec (when it started the kernel), microseconds since the
+  CPU's reset as the loader's timer counts them. In efivarfs each file is the
+  variable's 4 attribute bytes (little-endian) followed by its data, here a
+  NUL-terminated UTF-16LE decimal string (systemd src/boot/efi/util.c
+  efivar_set_uint64_str / efivar_set). systemd refuses Exec == 0, Exec < Init
+  and Exec − Init > 1 h (src/shared/efi-loader.c, efi_loader_get_boot_usec).
 
 Neither (a BIOS boot, a loader that sets no variables, no FPDT): unknown.
-Both are volatile and survive a kexec, so a relaunched boot still reports the
-cold boot it descends from.
+The FPDT and the loader's volatile variables are not reset by a kexec, so a
+relaunched boot still reports the cold boot it descends from.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The firmware time of the last cold boot, with its source (platform layer).
 
-Reads systemd-boot's LoaderTimeInitUSec/LoaderTimeExecUSec from efivarfs, then
-the kernel's FPDT boot record, through the root prefix; the rules and sources are
+Reads the kernel's FPDT boot record, then systemd-boot's
+LoaderTimeInitUSec/LoaderTimeExecUSec from efivarfs (systemd 252's order), through
+the root prefix; the rules and sources are
 in formats.firmware_time. Integration: LastRelaunch, history, `relaunchctl status`
 and the Prometheus counter of seconds saved take `last_cold_boot(root).to_json()`.
 """
@@ -24,12 +25,12 @@ VARIABLE_LIMIT = 256           # a decimal in UTF-16 plus attributes: tens of by
 def last_cold_boot(root: SysRoot) -> FirmwareTime:
     """Firmware and loader time of the cold boot this system descends from."""
     refused: list[str] = []
-    loader = _from_loader(root, refused)
-    if loader is not None:
-        return loader
     fpdt = _from_fpdt(root, refused)
     if fpdt is not None:
         return fpdt
+    loader = _from_loader(root, refused)
+    if loader is not None:
+        return loader
     why = "; ".join(refused) if refused else (
         "no boot loader timestamps (LoaderTime*USec) and no ACPI FPDT boot record")
     return FirmwareTime(firmware_time.UNKNOWN, reason=why)
