@@ -234,7 +234,7 @@ def fixture_root(tmp_path: Path, sw: Swtpm, volumes: dict[str, Path], options: s
         node.hardlink_to(image)         # a regular file standing in for the block device
         uuid = header(image).uuid
         (root / "dev" / "disk" / "by-uuid" / uuid).symlink_to(f"../../{node.name}")
-        lines.append(f"{name} UUID={uuid.upper()} none luks,tpm2-device=auto{options}")
+        lines.append(f"{name} UUID={uuid} none luks,tpm2-device=auto{options}")
     (root / "etc" / "crypttab").write_text("# test\n" + "\n".join(lines) + "\n")
     bank = root / "sys" / "class" / "tpm" / "tpm0" / "pcr-sha256"
     bank.mkdir(parents=True)

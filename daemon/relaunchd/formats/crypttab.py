@@ -6,7 +6,10 @@ crypttab(5) (systemd 252, man/crypttab.xml): empty lines and lines starting with
 field is missing, "none" or "-"; options are comma-separated, `name` or
 `name=value`. The device is a path or UUID= (systemd also resolves the other
 fstab-style specifications, LABEL=, PARTUUID=, PARTLABEL=, through the udev
-links below /dev/disk/ — src/shared/fstab-util.c, fstab_node_to_udev_node).
+links below /dev/disk/ — src/shared/fstab-util.c, fstab_node_to_udev_node: the
+value unquoted, case kept, and escaped as udev names links, encode_devnode_name in
+src/shared/device-nodes.c: bytes other than ASCII alphanumerics, "#+-.:=@_" and
+valid UTF-8 become \\xNN).
 """
 
 from __future__ import annotations
@@ -52,15 +55,25 @@ def device_node(spec: str) -> str:
     """The /dev path of a crypttab device field."""
     tag, eq, value = spec.partition("=")
     if eq and tag in DEVICE_TAGS:
-        if not value or "/" in value or value in (".", ".."):
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        if not value or value in (".", ".."):
             raise InvalidVolume(f"crypttab device {spec!r} is malformed")
-        if tag in ("UUID", "PARTUUID"):
-            value = value.lower()        # udev's links are lower case
-        return f"/dev/disk/{DEVICE_TAGS[tag]}/{value}"
+        return f"/dev/disk/{DEVICE_TAGS[tag]}/{_udev_escape(value)}"
     if not spec.startswith("/"):
         raise InvalidVolume(f"crypttab device {spec!r} is neither an absolute path "
                             f"nor {'/'.join(t + '=' for t in DEVICE_TAGS)}")
     return spec
+
+
+def _udev_escape(value: str) -> str:
+    out = []
+    for char in value:
+        if (char.isascii() and char.isalnum()) or char in "#+-.:=@_" or not char.isascii():
+            out.append(char)
+        else:
+            out.append(f"\\x{ord(char):02x}")
+    return "".join(out)
 
 
 def parse(text: str) -> list[CrypttabEntry]:
