@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from .guestsetup import IMAGES, configure
+from .guestuki import guest_uki as relaunch_uki
 from .image import make_data_disk
 from .machine import Machine, MachineSpec
 from .uefi import extend, guest_uki, make_esp
@@ -85,3 +88,33 @@ def test_firmware_time_comes_from_the_boot_loader_variables(uefi_guest):
     assert abs(_timespan_usec(found.group(2)) - saved["loader_usec"]) <= 1000, analyze
     human = uefi_guest.run("relaunchctl check", check=False).output
     assert "Firmware time a relaunch avoids:" in human and "from systemd-boot" in human
+
+
+def test_relaunch_keeps_pcrphase_going_and_the_cold_boot_figures(uefi_guest, vm_image, keys,
+                                                                 tmp_path, vm_timings):
+    """What the sealed-volume prediction assumes of a UKI-booted system, observed: on the
+    way down systemd-pcrphase extends PCR 11 with "shutdown" and "final"; the
+    StubPcrKernelImage variable survives the kexec, so the relaunched boot runs pcrphase
+    again ("sysinit", "ready") although no stub ran; and the firmware time reported after
+    the relaunch is still the cold boot's."""
+    guest = uefi_guest
+    configure(guest, cert=keys["db"].cert, cert_path="/etc/relaunchd/test-db.pem",
+              written_by="tests/vm/test_boot_uefi.py")
+    marker = f"rld.uefi={uuid.uuid4().hex[:12]}"
+    guest.put(f"{IMAGES}/uefi.efi", relaunch_uki(vm_image, keys, tmp_path, marker, "uefi"))
+    staged = json.loads(guest.run(f"relaunchctl stage --json {IMAGES}/uefi.efi",
+                                  timeout=300).output)
+    cold = json.loads(guest.run("relaunchctl check --json", check=False).output)[
+        "firmware_time"]
+    before = guest.run(PCR11).output.strip()
+    result, boot = guest.transition_attached("relaunchctl relaunch --wait", timeout=900)
+    vm_timings.add("uefi_relaunch_attached_to_ready", boot.seconds)
+    assert result.rc == 0 and result.output == (
+        f"relaunch {staged['id']}: the system is going down\n"), result
+    assert marker in guest.run("cat /proc/cmdline").output.split()
+    assert guest.run(f"test -e {STUB_VAR}").ok, "StubPcrKernelImage did not survive the kexec"
+    at_unlock = extend(extend(before, "shutdown"), "final")      # what check predicts
+    assert guest.run(PCR11).output.strip() == extend(extend(at_unlock, "sysinit"), "ready")
+    after = json.loads(guest.run("relaunchctl check --json", check=False).output)[
+        "firmware_time"]
+    assert after == cold
