@@ -76,6 +76,10 @@ class MachineSpec:
     max_lifetime: float = 45 * 60
     # Writable scratch disks, each (raw image, serial): /dev/disk/by-id/virtio-<serial>.
     scratch_disks: tuple[tuple[Path, str], ...] = ()
+    # QEMU's -cpu (None: its default). "qemu64,-hypervisor" hides the CPUID hypervisor
+    # bit, without which systemd-boot 252 records no LoaderTime*USec (src/boot/efi/ticks.c
+    # refuses the TSC in a hypervisor).
+    cpu: str | None = None
     # Guest port 22 forwarded from 127.0.0.1:<ssh_port> (QEMU user networking with
     # restrict=on: the guest reaches nothing, only the host's loopback reaches it).
     ssh_port: int | None = None
@@ -197,6 +201,7 @@ class Machine:
         cmd = [
             QEMU, "-accel", "tcg", "-machine", "pc", "-smp", str(s.cpus),
             "-m", str(s.memory_mib), "-nodefaults", "-no-user-config",
+            *(["-cpu", s.cpu] if s.cpu else []),
             # cache=unsafe: the overlay is thrown away after the run. First drive:
             # the root is /dev/vda in every boot mode.
             "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
