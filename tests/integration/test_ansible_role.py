@@ -1,8 +1,11 @@
 """The Ansible role on the host, without a target (the relaunch itself is tested against
 the guest in tests/vm/test_service_ansible.py): the shipped playbook passes
 ansible-playbook's syntax check, the role's relaunchd.yaml renders to a configuration
-that relaunchd itself accepts (`relaunchd --check-config`), and bad variables stop the
-play at its first task with the role's message, before anything touches the host."""
+that relaunchd itself accepts (`relaunchd --check-config`), bad variables stop the
+play at its first task with the role's message, before anything touches the host, the
+relaunch task asks relaunchd for the configured fallback, and the verification judges
+each LastRelaunch a new boot can report (verified, not verified, relaunchd's own
+firmware reboot, another restart) against a scripted `relaunchctl status`."""
 
 from __future__ import annotations
 
@@ -23,11 +26,11 @@ PLAYBOOK = TOP / "contrib" / "ansible" / "examples" / "relaunch.yml"
 BIN = Path(sys.executable).parent
 
 
-def ansible(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def ansible(tmp_path: Path, *args: str, path: str = "") -> subprocess.CompletedProcess:
     playbook = BIN / "ansible-playbook"
     if not playbook.exists():
         pytest.fail("ansible-core is not installed: run `make setup`", pytrace=False)
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+    env = {"PATH": f"{path}{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
            "ANSIBLE_HOME": str(tmp_path / "ansible"), "ANSIBLE_LOCAL_TEMP": str(tmp_path / "t"),
            "ANSIBLE_ROLES_PATH": str(ROLE.parent), "ANSIBLE_NOCOLOR": "1"}
     return subprocess.run([str(playbook), *args], capture_output=True, text=True, timeout=300,
@@ -85,3 +88,69 @@ def test_bad_variables_stop_the_play_before_anything_runs(tmp_path, bad):
     assert "relaunchd role: relaunchd_install is package|deb|none" in done.stdout
     # Only the facts were gathered; the assertion is the role's first task.
     assert re.search(r"ok=1\s+changed=0\s+unreachable=0\s+failed=1", done.stdout), done.stdout
+
+
+def test_the_relaunch_asks_relaunchd_for_the_configured_fallback():
+    tasks = yaml.safe_load((ROLE / "tasks" / "relaunch.yml").read_text())
+    reboot = next(t["ansible.builtin.reboot"] for t in tasks if "ansible.builtin.reboot" in t)
+    assert reboot["reboot_command"] == \
+        "relaunchctl relaunch --wait --fallback {{ relaunchd_fallback }}"
+    assert "systemctl reboot" not in (ROLE / "tasks" / "relaunch.yml").read_text()
+
+
+RELAUNCH_ID = "6f9d2a51-0000-4000-8000-000000000001"
+FALLBACK = {"id": RELAUNCH_ID, "method": "firmware-reboot", "handoff": "reboot",
+            "verified": False, "fallback": {"reason": "NotStaged: nothing is staged"},
+            "mismatches": ["no relaunch: relaunchd fell back to a firmware reboot "
+                           "(NotStaged: nothing is staged)"]}
+VERIFIED = {"id": RELAUNCH_ID, "method": "kexec", "verified": True, "mismatches": [],
+            "downtime_ms": 4321}
+NOT_VERIFIED = {"id": RELAUNCH_ID, "method": "kexec", "verified": False,
+                "mismatches": ["/proc/cmdline is 'x', the staged command line is 'y'"]}
+OTHER = {"id": "another", "method": "kexec", "verified": True, "mismatches": []}
+
+
+def verify(tmp_path: Path, last: dict, **variables) -> subprocess.CompletedProcess:
+    """The role's verify.yml on localhost, with `relaunchctl status --json` answering
+    `last` as the new boot's LastRelaunch."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps({"State": "idle", "LastRelaunch": last}))
+    (fake / "relaunchctl").write_text(
+        f'#!/bin/sh\n[ "$*" = "status --json" ] || exit 64\ncat {status}\n')
+    (fake / "relaunchctl").chmod(0o755)
+    play = tmp_path / "verify.yml"
+    play.write_text(yaml.safe_dump([{
+        "hosts": "localhost", "connection": "local", "gather_facts": False,
+        "vars_files": [str(ROLE / "defaults" / "main.yml")],
+        "tasks": [{"ansible.builtin.import_tasks": str(ROLE / "tasks" / "verify.yml")}],
+    }]))
+    # Extra variables, as a playbook's own would win over the role's defaults (in a play,
+    # vars_files would win over play vars).
+    extra = tmp_path / "vars.json"
+    extra.write_text(json.dumps({"relaunchd_relaunch_id": RELAUNCH_ID,
+                                 "ansible_python_interpreter": sys.executable, **variables}))
+    return ansible(tmp_path, "-i", "localhost,", "-e", f"@{extra}", str(play),
+                   path=f"{fake}:")
+
+
+@pytest.mark.parametrize("last, variables, ok, says", [
+    (FALLBACK, {"relaunchd_fallback": "reboot"}, True,
+     "relaunchd rebooted the host through firmware instead"),
+    (FALLBACK, {"relaunchd_fallback": "reboot", "relaunchd_require_relaunch": True}, False,
+     "relaunchd_require_relaunch is true"),
+    (FALLBACK, {"relaunchd_fallback": "none"}, False, "did not happen: firmware reboot"),
+    (VERIFIED, {}, True, "verified, downtime 4321 ms"),
+    (NOT_VERIFIED, {}, False, "NOT verified: /proc/cmdline is"),
+    (NOT_VERIFIED, {"relaunchd_require_verified": False}, True, "NOT verified, downtime"),
+    (OTHER, {"relaunchd_fallback": "none"}, False, "came back without relaunch"),
+    (OTHER, {"relaunchd_fallback": "reboot"}, True, "the host restarted"),
+])
+def test_verification_judges_each_last_relaunch(tmp_path, last, variables, ok, says):
+    done = verify(tmp_path, last, **variables)
+    out = " ".join(done.stdout.split())
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
+    assert says in out, done.stdout
+    if last is FALLBACK:
+        assert "NotStaged: nothing is staged" in out
