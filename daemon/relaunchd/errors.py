@@ -154,6 +154,19 @@ class AccessDenied(RelaunchError):
     name = "AccessDenied"
 
 
+class Interrupted(RelaunchError):
+    """A client was told to stop (SIGTERM, SIGHUP) while the system was not going down."""
+
+    name = "Interrupted"
+
+
+class InvalidVolume(RelaunchError):
+    """An encrypted volume's metadata (LUKS2 header, token, /etc/crypttab line) that is
+    malformed or not what its format says."""
+
+    name = "InvalidVolume"
+
+
 def error_named(name: str) -> type[RelaunchError] | None:
     """The error class whose `name` is `name` (a D-Bus reply or a LastError), if any."""
     todo: list[type[RelaunchError]] = [RelaunchError]

@@ -6,10 +6,12 @@
 2. Show `relaunchctl check` and `relaunchctl status` in the guest.
 3. Build a signed UKI of the guest's own kernel and initrd with a new command-line
    marker, stage it through D-Bus (`relaunchctl stage`, served by the daemon).
-4. `relaunchctl relaunch --wait`: relaunchd measures into PCR 23, hands off to systemd,
-   its shutdown hook quiesces, the kernel kexecs.
-5. In the new boot: `relaunchctl status --json`. Exit 0 only when LastRelaunch.verified
-   is true and the guest runs the staged command line.
+4. `relaunchctl relaunch --wait`, attached: relaunchd measures into PCR 23, hands off to
+   systemd, its shutdown hook quiesces, the kernel kexecs; the command exits 0 with
+   "the system is going down" before the guest goes.
+5. In the new boot: `relaunchctl status --json`. Exit 0 only when `relaunch --wait`
+   exited 0 with its going-down line, LastRelaunch.verified is true and the guest runs
+   the staged command line.
 
 The same steps are tests in tests/vm/test_service_relaunch.py; this is the tour.
 """
@@ -79,10 +81,13 @@ def main() -> int:
             say(f"\n  staged {staged['StagedImage']['id']}: quiesce plan, measurement and "
                 "hand-off next")
             say("\nguest# relaunchctl relaunch --wait     (the guest goes down now)")
-            # Detached, with its own output: the shutdown may end the agent first.
-            boot = guest.transition("setsid -f relaunchctl relaunch --wait "
-                                    ">/run/rld-demo.out 2>&1 </dev/null",
-                                    timeout=BOOT_TIMEOUT)
+            # Attached: its exit status and output are what kured and Ansible rely on.
+            request, boot = guest.transition_attached("relaunchctl relaunch --wait",
+                                                      timeout=BOOT_TIMEOUT)
+            say("\n".join("  " + line for line in request.output.rstrip().splitlines()))
+            say(f"  -> exit {request.rc}")
+            waited = request.rc == 0 and request.output == (
+                f"relaunch {staged['StagedImage']['id']}: the system is going down\n")
             for _, line in guest.console:
                 if "relaunchd-shutdown:" in line:
                     say(f"  console: {line.strip()}")
@@ -91,11 +96,13 @@ def main() -> int:
             status = show(guest, "relaunchctl status --json")
             cmdline = guest.run("cat /proc/cmdline").output.split()
             last = json.loads(status).get("LastRelaunch", {}) if status else {}
-    ok = bool(last.get("verified")) and marker in cmdline \
+    ok = waited and bool(last.get("verified")) and marker in cmdline \
         and f"relaunchd.id={last.get('id')}" in cmdline
     say(f"\ndemo: {'VERIFIED' if ok else 'NOT VERIFIED'} relaunch {last.get('id', '?')}: "
         f"measured={last.get('measured')}, downtime {last.get('downtime_ms')} ms, "
-        f"mismatches {last.get('mismatches')}  ({time.monotonic() - started:.0f} s in all)")
+        f"mismatches {last.get('mismatches')}, `relaunch --wait` "
+        f"{'exited 0' if waited else 'did NOT exit 0 as the system went down'}  "
+        f"({time.monotonic() - started:.0f} s in all)")
     return 0 if ok else 1
 
 

@@ -18,12 +18,15 @@ from support import ukibuild
 
 from .deb import build_deb
 from .image import GuestImage, guest_image, make_data_disk
-from .machine import Machine, MachineSpec
+from .machine import Machine, MachineSpec, free_loopback_port
 from .timings import Timings
 
 TOOLS = ("qemu-system-x86_64", "qemu-img", "swtpm", "debootstrap", "mke2fs",
          "dpkg-buildpackage")
 BOOT_TIMEOUT = 600  # TCG on a loaded 2-core CI machine; a boot here takes ~25 s
+# Two empty disks for the sealed-volume test (LUKS2 in the guest), by serial.
+LUKS_DISKS = ("rldluks1", "rldluks2")
+LUKS_DISK_MIB = 32
 
 _timings = Timings()
 _image_key: list[str] = []
@@ -92,10 +95,19 @@ def vm_uki(tmp_path_factory, debian_kernel) -> Path:
 @pytest.fixture(scope="session")
 def guest(vm_image, relaunchd_deb, vm_uki, tmp_path_factory) -> Iterator[Machine]:
     """The booted guest: relaunchd installed from the .deb, test files in /srv/rld."""
+    work = tmp_path_factory.mktemp("vm-data")
     data = make_data_disk({"relaunchd.deb": relaunchd_deb, "minimal.efi": vm_uki},
-                          tmp_path_factory.mktemp("vm-data") / "data.img")
+                          work / "data.img")
+    scratch = []
+    for serial in LUKS_DISKS:
+        disk = work / f"{serial}.raw"
+        with open(disk, "wb") as f:       # sparse: costs nothing until written
+            f.truncate(LUKS_DISK_MIB << 20)
+        scratch.append((disk, serial))
     # no_reboot=False: the reboot-timing test needs QEMU to survive a reset.
-    with Machine(MachineSpec(vm_image, data_disk=data, no_reboot=False)) as machine:
+    spec = MachineSpec(vm_image, data_disk=data, no_reboot=False,
+                       scratch_disks=tuple(scratch), ssh_port=free_loopback_port())
+    with Machine(spec) as machine:
         boot = machine.boot(timeout=BOOT_TIMEOUT)
         _timings.add("boot_to_ready", boot.seconds)
         _timings.guest["first boot"] = machine.run("systemd-analyze time", check=False)\

@@ -47,11 +47,21 @@ PACKAGES = [
     "python3-yaml", "python3-psutil", "python3-cryptography", "python3-asn1crypto",
     "python3-ply",
     "kexec-tools", "tpm2-tools", "procps", "less",
+    # Sealed volumes (test_service_luks.py): the cryptsetup CLI to format LUKS2 volumes.
+    # systemd-cryptenroll, systemd-cryptsetup and the systemd-tpm2 token plugin come with
+    # systemd 252 itself, and the libtss2 libraries it dlopen()s (esys, rc, mu, the device
+    # TCTI) with python3-tpm2-pytss and tpm2-tools above.
+    "cryptsetup-bin",
+    # The Ansible role's test (test_service_ansible.py) reaches the guest over SSH; the
+    # key it logs in with is made per run and put in by the agent, never baked in here.
+    "openssh-server",
 ]
 
-# Units that only cost boot time or act on their own in a test guest.
+# Units that only cost boot time or act on their own in a test guest. The guest's one
+# NIC is QEMU user networking, configured statically (rootfs/etc/systemd/network):
+# nothing waits for it to be "online".
 MASKED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
-                "e2scrub_reap.service", "fstrim.timer"]
+                "e2scrub_reap.service", "fstrim.timer", "systemd-networkd-wait-online.service"]
 # Debian's kexec-tools loads a kernel at every boot and kexecs on every reboot
 # when LOAD_KEXEC=true; baselines must measure only what the test asks for.
 KEXEC_DISABLED_UNITS = ["kexec-load.service", "kexec.service"]
@@ -229,7 +239,8 @@ def _configure(target: Path) -> str:
 
     systemctl = ["systemctl", f"--root={target}"]
     # serial-getty@ttyS0 comes from systemd-getty-generator (console=ttyS0).
-    _run([*systemctl, "enable", "rld-agent.service", "rld-provision.service"], timeout=120)
+    _run([*systemctl, "enable", "rld-agent.service", "rld-provision.service",
+          "systemd-networkd.service"], timeout=120)
     existing = [u for u in KEXEC_DISABLED_UNITS if _unit_exists(target, u)]
     _run([*systemctl, "mask", *MASKED_UNITS, *existing], timeout=120)
 

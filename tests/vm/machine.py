@@ -77,6 +77,15 @@ class MachineSpec:
     # None: read-only, just big enough.
     esp_spare_mib: int | None = None
     max_lifetime: float = 45 * 60
+    # Writable scratch disks, each (raw image, serial): /dev/disk/by-id/virtio-<serial>.
+    scratch_disks: tuple[tuple[Path, str], ...] = ()
+    # QEMU's -cpu (None: its default). "qemu64,-hypervisor" hides the CPUID hypervisor
+    # bit, without which systemd-boot 252 records no LoaderTime*USec (src/boot/efi/ticks.c
+    # refuses the TSC in a hypervisor).
+    cpu: str | None = None
+    # Guest port 22 forwarded from 127.0.0.1:<ssh_port> (QEMU user networking with
+    # restrict=on: the guest reaches nothing, only the host's loopback reaches it).
+    ssh_port: int | None = None
 
 
 @dataclass
@@ -86,6 +95,13 @@ class Boot:
     state: str  # systemctl is-system-running
     since: float  # time.monotonic() of the request
     ready: float  # time.monotonic() when ready
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a QEMU hostfwd)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -196,7 +212,8 @@ class Machine:
         s, img = self.spec, self.spec.image
         cmd = [
             QEMU, "-accel", "tcg", "-machine", "pc", "-smp", str(s.cpus),
-            "-m", str(s.memory_mib), "-nodefaults", "-no-user-config", "-nic", "none",
+            "-m", str(s.memory_mib), "-nodefaults", "-no-user-config",
+            *(["-cpu", s.cpu] if s.cpu else []),
             # cache=unsafe: the overlay is thrown away after the run. First drive:
             # the root is /dev/vda in every boot mode.
             "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
@@ -207,8 +224,19 @@ class Machine:
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT}",
             "-device", "virtio-rng-pci",
         ]
+        if s.ssh_port is None:
+            cmd += ["-nic", "none"]
+        else:
+            cmd += ["-nic", "user,model=virtio-net-pci,restrict=on,"
+                            f"hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22"]
         if s.data_disk:
             cmd += ["-drive", f"file={s.data_disk},format=raw,if=virtio,readonly=on"]
+        for n, (disk, serial) in enumerate(s.scratch_disks):
+            # The last PCI slots: QEMU creates -device devices before the if=virtio
+            # drives, and Linux names virtio disks in slot order; the root stays vda.
+            cmd += ["-drive", f"file={disk},format=raw,if=none,id=scratch{n},cache=unsafe",
+                    "-device", f"virtio-blk-pci,drive=scratch{n},serial={serial},"
+                               f"addr={0x1f - len(s.scratch_disks) + 1 + n:#x}"]
         if s.esp:
             # NVRAM and ESP are made once per run: a power cycle keeps both.
             variables = self.runtime / "OVMF_VARS.fd"
@@ -471,6 +499,16 @@ class Machine:
         self._kill_processes()              # swtpm, if it has not ended with QEMU
         self._launch(self.runtime / "overlay.qcow2")
         return self.wait_ready(timeout, since=since, not_boot_id=old)
+
+    def transition_attached(self, command: str, timeout: float = 600,
+                            command_timeout: float = 180) -> tuple[Result, Boot]:
+        """Run `command` — a blocking relaunch request such as `relaunchctl relaunch
+        --wait` — attached: its exit status and output as the old system goes down
+        (the agent outlives the shutdown's unit stops), then wait for the next boot."""
+        old = self.boot_id()
+        since = time.monotonic()
+        result = self.run(command, timeout=command_timeout, check=False)
+        return result, self.wait_ready(timeout, since=since, not_boot_id=old)
 
     def poweroff(self, timeout: float = 180) -> None:
         """Clean shutdown; QEMU ends by itself. Falls back to close()'s kill."""

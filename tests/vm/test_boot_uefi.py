@@ -7,10 +7,14 @@ same UKI) must reproduce the real value."""
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from .guestsetup import IMAGES, configure
+from .guestuki import guest_uki as relaunch_uki
 from .image import make_data_disk
 from .machine import Machine, MachineSpec
 from .uefi import extend, guest_uki, make_esp
@@ -30,7 +34,10 @@ def uefi_guest(vm_image, relaunchd_deb, tmp_path_factory, vm_timings) -> Iterato
     uki = guest_uki(vm_image, work / "guest.efi")
     esp = make_esp(uki, work / "esp")
     data = make_data_disk({"relaunchd.deb": relaunchd_deb, "guest.efi": uki}, work / "data.img")
-    with Machine(MachineSpec(vm_image, data_disk=data, esp=esp)) as machine:
+    # No CPUID hypervisor bit: systemd-boot 252 then times the boot (LoaderTime*USec),
+    # as on hardware; in a VM it records nothing (src/boot/efi/ticks.c, in_hypervisor).
+    spec = MachineSpec(vm_image, data_disk=data, esp=esp, cpu="qemu64,-hypervisor")
+    with Machine(spec) as machine:
         boot = machine.boot(timeout=BOOT_TIMEOUT)
         vm_timings.add("uefi_boot_to_ready", boot.seconds)
         yield machine
@@ -56,3 +63,61 @@ def test_pcr11_matches_relaunchd_prediction(uefi_guest):
     for phase in phases:
         expected = extend(expected, phase)
     assert uefi_guest.run(PCR11).output.strip() == expected
+
+
+def _timespan_usec(text: str) -> int:
+    """systemd's format_timespan() as systemd-analyze prints it ("1min 2.345s", "567ms")."""
+    units = {"min": 60_000_000, "s": 1_000_000, "ms": 1000, "us": 1}
+    total = 0.0
+    for number, unit in re.findall(r"([\d.]+)(min|ms|us|s)\b", text):
+        total += float(number) * units[unit]
+    return round(total)
+
+
+def test_firmware_time_comes_from_the_boot_loader_variables(uefi_guest):
+    """What a relaunch saves: OVMF + systemd-boot's time on this (cold) boot, read by
+    relaunchd from systemd-boot's LoaderTime*USec variables and checked against
+    systemd's own reading of them (`systemd-analyze time`: firmware, loader)."""
+    saved = json.loads(uefi_guest.run("relaunchctl check --json", check=False).output)[
+        "firmware_time"]
+    assert saved["source"] == "systemd-boot", saved
+    assert saved["firmware_usec"] > 0 and saved["loader_usec"] > 0
+    assert saved["avoided_usec"] == saved["firmware_usec"] + saved["loader_usec"]
+    analyze = uefi_guest.run("systemd-analyze time").output
+    found = re.search(r"in (.+?) \(firmware\) \+ (.+?) \(loader\)", analyze)
+    assert found, analyze
+    # format_timespan rounds to milliseconds here.
+    assert abs(_timespan_usec(found.group(1)) - saved["firmware_usec"]) <= 1000, analyze
+    assert abs(_timespan_usec(found.group(2)) - saved["loader_usec"]) <= 1000, analyze
+    human = uefi_guest.run("relaunchctl check", check=False).output
+    assert "Firmware time a relaunch avoids:" in human and "from systemd-boot" in human
+
+
+def test_relaunch_keeps_pcrphase_going_and_the_cold_boot_figures(uefi_guest, vm_image, keys,
+                                                                 tmp_path, vm_timings):
+    """What the sealed-volume prediction assumes of a UKI-booted system, observed: on the
+    way down systemd-pcrphase extends PCR 11 with "shutdown" and "final"; the
+    StubPcrKernelImage variable survives the kexec, so the relaunched boot runs pcrphase
+    again ("sysinit", "ready") although no stub ran; and the firmware time reported after
+    the relaunch is still the cold boot's."""
+    guest = uefi_guest
+    configure(guest, cert=keys["db"].cert, cert_path="/etc/relaunchd/test-db.pem",
+              written_by="tests/vm/test_boot_uefi.py")
+    marker = f"rld.uefi={uuid.uuid4().hex[:12]}"
+    guest.put(f"{IMAGES}/uefi.efi", relaunch_uki(vm_image, keys, tmp_path, marker, "uefi"))
+    staged = json.loads(guest.run(f"relaunchctl stage --json {IMAGES}/uefi.efi",
+                                  timeout=300).output)
+    cold = json.loads(guest.run("relaunchctl check --json", check=False).output)[
+        "firmware_time"]
+    before = guest.run(PCR11).output.strip()
+    result, boot = guest.transition_attached("relaunchctl relaunch --wait", timeout=900)
+    vm_timings.add("uefi_relaunch_attached_to_ready", boot.seconds)
+    assert result.rc == 0 and result.output == (
+        f"relaunch {staged['id']}: the system is going down\n"), result
+    assert marker in guest.run("cat /proc/cmdline").output.split()
+    assert guest.run(f"test -e {STUB_VAR}").ok, "StubPcrKernelImage did not survive the kexec"
+    at_unlock = extend(extend(before, "shutdown"), "final")      # what check predicts
+    assert guest.run(PCR11).output.strip() == extend(extend(at_unlock, "sysinit"), "ready")
+    after = json.loads(guest.run("relaunchctl check --json", check=False).output)[
+        "firmware_time"]
+    assert after == cold

@@ -14,15 +14,19 @@ Exit codes of the bus commands (docs/dbus-api.md, "relaunchctl"):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from relaunchd.cli import EXIT_FAILED, EXIT_INTERNAL, EXIT_INVALID, EXIT_OK
 from relaunchd.cli.output import human_size, print_json
-from relaunchd.errors import NoDaemon, RelaunchError, error_named
+from relaunchd.errors import Interrupted, NoDaemon, RelaunchError, error_named
 
 INVALID = {"InvalidImage", "InvalidArgument", "InvalidConfig", "InvalidKernel", "InvalidTable"}
 INTERNAL = {"Internal"}
@@ -219,32 +223,112 @@ def _report_stage(args, path: str, ident: str, staged: dict | None) -> int:
     return EXIT_OK
 
 
-def wait_relaunch(client, watch, ident: str) -> dict:
-    """Block until relaunchd is relaunching or has left the bus (the system is going down),
-    or the relaunch failed (raises). Returns what was seen."""
-    props = client.properties()
-    active = False
+# Errors that mean "relaunchd is not (or no longer) serving": the name has no owner or
+# the connection went away (NoDaemon), or the daemon has unregistered its object on the
+# way out and GDBus answers for the missing object (UnknownMethod/UnknownObject).
+DAEMON_GONE = frozenset({"NoDaemon", "UnknownMethod", "UnknownObject", "UnknownInterface"})
+# How long relaunchd may stay away while systemd says the system is *not* stopping before
+# `relaunch --wait` calls it a failure: a crashed daemon is restarted (Restart=) or bus
+# activated by the next read, and then says what became of the relaunch.
+GONE_GRACE = 30.0
+
+
+@dataclass
+class Termination:
+    """Signals that asked this client to stop (SIGTERM from a stopping session scope or
+    pod, SIGHUP from a dropped SSH connection), recorded instead of obeyed at once."""
+
+    received: list[int] = field(default_factory=list)
+
+    def handler(self, signum: int, _frame: Any) -> None:
+        self.received.append(signum)
+
+    def first(self) -> int | None:
+        return self.received[0] if self.received else None
+
+    @contextlib.contextmanager
+    def installed(self, *signums: int) -> Iterator[Termination]:
+        previous = {signum: signal.signal(signum, self.handler) for signum in signums}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def wait_relaunch(client, watch, ident: str, *,
+                  terminated: Callable[[], int | None] = lambda: None,
+                  system_state: Callable[[], str | None] | None = None,
+                  clock: Callable[[], float] = time.monotonic,
+                  grace: float = GONE_GRACE) -> dict:
+    """After relaunchd accepted Relaunch: block until the system is going down (return
+    what was seen) or the relaunch failed (raise).
+
+    Going down is relaunchd reaching `relaunching`, or — when relaunchd is unreachable
+    or this process is told to stop, in whatever order the shutdown brings them —
+    systemd saying it is stopping (or no longer answering at all). Every read of
+    relaunchd is guarded alike, the first one too: on the way down it races the
+    daemon's own stop."""
+    if system_state is None:
+        from relaunchd.platform.system_state import manager_state as system_state
+    active = False           # seen quiescing: a later idle/staged means it was rolled back
+    gone_since: float | None = None
+    last_state: str | None = None
     while True:
-        state = props.get("State")
-        if state == "relaunching":
-            return {"id": ident, "state": state, "bus": "connected"}
-        if state == "failed":
-            raise error_from(props.get("LastError") or {})
-        if state == "quiescing":
-            active = True
-        elif active and state in ("idle", "staged"):
-            # Back without failing: the hand-off was refused or rolled back.
-            raise error_from(props.get("LastError") or {
-                "name": "RelaunchAborted", "message": f"relaunch ended in state {state}"})
-        changes = watch.next(POLL)
-        if watch.gone:
-            return {"id": ident, "state": props.get("State"), "bus": "lost"}
-        if changes:
-            for change in changes:
-                props.update(change)
-                active = active or change.get("State") == "quiescing"
+        signum = terminated()
+        if signum is not None:
+            systemd = system_state()
+            if _going_down(systemd):
+                return _down(ident, last_state, f"signal {signum}", systemd)
+            raise Interrupted(
+                f"signal {signum} while waiting, and the system is not going down "
+                f"(systemd: {systemd}); relaunch {ident} may still go on: "
+                "see `relaunchctl status`")
+        props = read_properties(client)
+        if props is None:
+            systemd = system_state()
+            if _going_down(systemd):
+                return _down(ident, last_state, "relaunchd left the bus", systemd)
+            gone_since = clock() if gone_since is None else gone_since
+            if clock() - gone_since >= grace:
+                raise NoDaemon(
+                    f"relaunchd left the bus during relaunch {ident} and the system is not "
+                    f"going down (systemd: {systemd}, for {grace:.0f} s)")
         else:
-            try:
-                props = client.properties()
-            except RelaunchError:
-                return {"id": ident, "state": props.get("State"), "bus": "lost"}
+            state = last_state = props.get("State")
+            if state == "relaunching":
+                return {"id": ident, "state": state, "bus": "connected", "seen": "relaunching"}
+            if state == "failed":
+                raise error_from(props.get("LastError") or {})
+            if state == "quiescing":
+                active = True
+            elif state in ("idle", "staged") and (active or gone_since is not None):
+                # Back without failing: the hand-off was refused or rolled back, or a
+                # restarted daemon found the relaunch aborted.
+                raise error_from(props.get("LastError") or {
+                    "name": "RelaunchAborted", "message": f"relaunch ended in state {state}"})
+        for change in watch.next(POLL):
+            active = active or change.get("State") == "quiescing"
+
+
+def read_properties(client) -> dict | None:
+    """relaunchd's properties, or None when it is not serving (see DAEMON_GONE)."""
+    try:
+        return client.properties()
+    except RelaunchError as exc:
+        if exc.name in DAEMON_GONE:
+            return None
+        raise
+
+
+def _going_down(systemd: str | None) -> bool:
+    # None: systemd cannot be asked. With relaunchd gone or a stop signal received, that
+    # is the bus (or PID 1's socket) going away under us: a shutdown.
+    from relaunchd.platform.system_state import GOING_DOWN
+
+    return systemd is None or systemd == GOING_DOWN
+
+
+def _down(ident: str, state: str | None, seen: str, systemd: str | None) -> dict:
+    return {"id": ident, "state": state, "bus": "lost", "seen": seen,
+            "system": systemd or "unknown"}

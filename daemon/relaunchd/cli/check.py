@@ -11,8 +11,10 @@ import json
 import sys
 from typing import Any
 
+from relaunchd.formats.firmware_time import FirmwareTime
 from relaunchd.launch import assessment, registry
-from relaunchd.platform import readiness
+from relaunchd.platform import firmware_time, readiness
+from relaunchd.platform.sysroot import SysRoot
 
 EXIT_READY = 0
 EXIT_NOT_READY = 1
@@ -41,7 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--skl", metavar="PATH", default=readiness.ProbeConfig.skl,
                    help="AMD Secure Kernel Loader file (default %(default)s)")
     p.add_argument("--tpm-tcti", metavar="TCTI",
-                   help="ask this TPM for PCRs 17/18 (e.g. swtpm:host=127.0.0.1,port=2321)")
+                   help="ask this TPM for PCRs 17/18 and the sealed volumes' PCRs "
+                        "(e.g. swtpm:host=127.0.0.1,port=2321)")
+    p.add_argument("--image", metavar="UKI",
+                   help="predict sealed volumes for a relaunch into this image (its "
+                        "`.pcrsig` for signed PCR policies)")
     p.set_defaults(func=run)
 
 
@@ -51,14 +57,60 @@ def run(args: argparse.Namespace) -> int:
         acm_dirs=tuple(args.acm_dir) if args.acm_dir else readiness.ProbeConfig.acm_dirs,
         dl_handler=args.dl_handler, skl=args.skl, tpm_tcti=args.tpm_tcti)
     report = assessment.assess(config)
+    volumes = sealed_volumes_of(args)
+    saved = firmware_time.last_cold_boot(SysRoot(args.root))
     if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2, default=str)
+        json.dump({**report.to_json(), "volumes": volumes, "firmware_time": saved.to_json()},
+                  sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render(report, args.method))
+        sys.stdout.write(render_volumes(volumes))
+        sys.stdout.write(render_firmware_time(saved))
     ready = report.best is not None if args.method == "auto" \
         else report.verdicts[args.method].ready
     return EXIT_READY if ready else EXIT_NOT_READY
+
+
+def sealed_volumes_of(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The sealed-volume prediction (platform.sealed_volumes) for this check; a problem
+    with /etc/crypttab or the image is one entry saying so, not a failed check."""
+    from relaunchd.errors import RelaunchError
+    from relaunchd.platform import sealed_volumes
+
+    method = "kexec" if args.method == "auto" else args.method
+    try:
+        pcrsig = sealed_volumes.image_pcrsig(args.image) if args.image else None
+        context = sealed_volumes.Context(tcti=args.tpm_tcti, method=method, pcrsig=pcrsig)
+        return sealed_volumes.report(SysRoot(args.root), context)
+    except RelaunchError as exc:
+        return [{"name": None, "device": None, "pcrs": [], "unlocks_after_relaunch": False,
+                 "stale_pcrs": [], "reason": f"{exc.name}: {exc}", "remedy": None,
+                 "error": str(exc)}]
+
+
+def render_firmware_time(saved: FirmwareTime) -> str:
+    if saved.avoided_usec is None:
+        return f"\nFirmware time a relaunch avoids: unknown ({saved.reason})\n"
+    return (f"\nFirmware time a relaunch avoids: {saved.avoided_usec / 1e6:.3f} s "
+            f"(firmware {saved.firmware_usec / 1e6:.3f} s + boot loader "
+            f"{saved.loader_usec / 1e6:.3f} s on the last cold boot, from {saved.source})\n")
+
+
+def render_volumes(volumes: list[dict[str, Any]]) -> str:
+    if not volumes:
+        return "\nSealed volumes: none in /etc/crypttab with a TPM token\n"
+    lines = ["", "Sealed volumes (after a relaunch)"]
+    for v in volumes:
+        verdict = "unlocks" if v["unlocks_after_relaunch"] else "DOES NOT UNLOCK"
+        if v["unlocks_after_relaunch"] and v["stale_pcrs"]:
+            verdict = f"unlocks, on stale PCR(s) {', '.join(map(str, v['stale_pcrs']))}"
+        pcrs = "+".join(map(str, v["pcrs"])) or "-"
+        lines.append(f"  {v['name']} ({v['device']}, PCRs {pcrs}): {verdict}")
+        lines.append(f"    {v['reason']}")
+        if v.get("remedy"):
+            lines.append(f"        → {v['remedy']}")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: Any) -> str:

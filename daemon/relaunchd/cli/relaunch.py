@@ -1,8 +1,11 @@
 """`relaunchctl relaunch [--wait] [--force] [--fallback none|reboot] [--immediate | --rehearse]`.
 
 Relaunch into the staged image. With --wait it returns only when the system is going
-down (relaunchd reached `relaunching`, or left the bus) — exit 0 — or the relaunch
-failed — exit 1; so it can be kured's --reboot-command or Ansible's reboot_command.
+down — exit 0 — or the relaunch failed — exit 1; so it can be kured's --reboot-command
+or Ansible's reboot_command. Going down is relaunchd reaching `relaunching`, or systemd
+stopping once relaunchd has left the bus or this command got SIGTERM/SIGHUP (the same
+shutdown stops the caller's SSH session or pod), whichever comes first
+(busclient.wait_relaunch).
 --rehearse performs the quiesce plan on the live system, checks it and rolls it back:
 exit 0 when everything was as before afterwards, 1 otherwise.
 """
@@ -10,9 +13,17 @@ exit 0 when everything was as before afterwards, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import signal
 
 from relaunchd.cli import EXIT_FAILED, EXIT_OK
-from relaunchd.cli.busclient import connect, handled, interactive, wait_relaunch
+from relaunchd.cli.busclient import (
+    Termination,
+    connect,
+    handled,
+    interactive,
+    read_properties,
+    wait_relaunch,
+)
 from relaunchd.cli.output import print_json
 
 
@@ -42,29 +53,39 @@ def run(args: argparse.Namespace) -> int:
     client = connect()
     if args.rehearse:
         return _rehearse(client, args)
-    watch = client.watch() if args.wait else None   # subscribe before the call
-    try:
-        options = {"force": True} if args.force else {}
-        if args.immediate:
-            options["immediate"] = True
-        if args.fallback:
-            options["fallback"] = args.fallback
-        ident = client.call("Relaunch", options=options, interactive=interactive())
-        result = {"id": ident, "state": None}
-        if watch is not None:
-            result = wait_relaunch(client, watch, ident)
-        else:
-            result["state"] = client.get("State")
-    finally:
-        if watch is not None:
+    if not args.wait:
+        ident = client.call("Relaunch", options=_options(args), interactive=interactive())
+        # Guarded like every read after the call: the hand-off may already be stopping it.
+        props = read_properties(client)
+        result = {"id": ident, "state": props.get("State") if props else "gone"}
+    else:
+        termination = Termination()
+        watch = client.watch()   # subscribe before the call
+        try:
+            # From here a stop signal is recorded, not obeyed: once the call is accepted,
+            # a SIGTERM is most likely the shutdown we asked for.
+            with termination.installed(signal.SIGTERM, signal.SIGHUP):
+                ident = client.call("Relaunch", options=_options(args),
+                                    interactive=interactive())
+                result = wait_relaunch(client, watch, ident, terminated=termination.first)
+        finally:
             watch.close()
     if args.json:
         print_json(result)
     elif args.wait:
-        print(f"relaunch {ident}: the system is going down")
+        print(f"relaunch {ident}: the system is going down", flush=True)
     else:
         print(f"relaunch {ident} started ({result['state']})")
     return EXIT_OK
+
+
+def _options(args: argparse.Namespace) -> dict:
+    options: dict = {"force": True} if args.force else {}
+    if args.immediate:
+        options["immediate"] = True
+    if args.fallback:
+        options["fallback"] = args.fallback
+    return options
 
 
 def _rehearse(client, args: argparse.Namespace) -> int:

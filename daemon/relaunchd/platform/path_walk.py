@@ -373,6 +373,23 @@ def from_root(path: str) -> Start:
     return Start("/", components(path), floor=False)
 
 
+def in_root(root: str) -> Anchor:
+    """The anchor of a walk below `root` as if it were "/" (openat2's RESOLVE_IN_ROOT, done
+    step by step): an absolute link starts again from `root`, and ".." at `root` stays
+    there, so no link or ".." leads out of it. For paths other programs name under a
+    `--root` prefix, such as a crypttab device's /dev/disk/by-uuid/… link."""
+    def anchor(path: str) -> Start:
+        return Start(root, components(path), floor=False)
+    return anchor
+
+
+def below(root: str, path: str) -> str:
+    """A path a walk `in_root(root)` reached, as seen from `root`."""
+    if root.rstrip("/") and path.startswith(root.rstrip("/") + "/"):
+        return path[len(root.rstrip("/")):]
+    return path
+
+
 def _failer(resolved: Resolved, error: Error) -> Callable[[str, str], RelaunchError]:
     def fail(here: str, why: str) -> RelaunchError:
         if here == resolved.request:
@@ -406,18 +423,30 @@ def open_regular(resolved: Resolved, trusted: frozenset[int] | None, error: Erro
     descriptor. Refused before opening when it is not a regular file (a FIFO is never
     waited for, a device never opened: O_NONBLOCK and O_NOCTTY besides), and checked
     again on the descriptor, which must be the very file the walk saw."""
-    fail = _failer(resolved, error)
-    seen = require_regular(resolved, trusted, error)
+    require_regular(resolved, trusted, error)
+    return open_entry(resolved, READ_FLAGS, error, trusted)
+
+
+def open_entry(resolved: Resolved, flags: int, error: Error,
+               trusted: frozenset[int] | None = None,
+               replaced: tuple[int, ...] = (errno.ELOOP, errno.ENOENT),
+               ) -> tuple[int, os.stat_result]:
+    """Open whatever the walk ended at (a device node too) with `flags`, relative to its
+    directory's descriptor and never through a link, checked on the descriptor to be the
+    very entry the walk saw; with `trusted`, owned by one of them and writable by nobody
+    else. The caller checks its type."""
+    fail, seen = _failer(resolved, error), resolved.st
+    if seen is None:
+        raise _missing(resolved, error)
     try:
-        fd = open_step(resolved.dir_fd, resolved.name, READ_FLAGS, resolved.openat2)
+        fd = open_step(resolved.dir_fd, resolved.name, flags, resolved.openat2)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOENT):
+        if exc.errno in replaced:
             raise fail(resolved.path, "was replaced while it was opened") from None
         raise fail(resolved.path, f"cannot be opened: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (seen.st_dev,
-                                                                      seen.st_ino):
+        if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
             raise fail(resolved.path, "was replaced while it was opened")
         if trusted is not None:
             check_owner_and_mode(st, resolved.path, trusted, fail)
@@ -438,19 +467,5 @@ def open_directory(resolved: Resolved, trusted: frozenset[int] | None, error: Er
         raise _missing(resolved, error)
     if not stat.S_ISDIR(seen.st_mode):
         raise fail(resolved.path, f"is {kind_of(seen.st_mode)}, not a directory")
-    try:
-        fd = open_step(resolved.dir_fd, resolved.name, flags, resolved.openat2)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
-            raise fail(resolved.path, "was replaced while it was opened") from None
-        raise fail(resolved.path, f"cannot be opened: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
-            raise fail(resolved.path, "was replaced while it was opened")
-        if trusted is not None:
-            check_owner_and_mode(st, resolved.path, trusted, fail)
-        return fd, st
-    except BaseException:
-        os.close(fd)
-        raise
+    return open_entry(resolved, flags, error, trusted,
+                      replaced=(errno.ELOOP, errno.ENOENT, errno.ENOTDIR))

@@ -16,8 +16,10 @@ from relaunchd.bus.names import ERROR_PREFIX
 from relaunchd.errors import AccessDenied, NoDaemon, RelaunchError
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "dbus-api.md"
-# Raised in the client, never sent by the service.
-CLIENT_SIDE = {"NoDaemon", "AccessDenied"}
+# Raised in the client, never sent by the service: Interrupted by `relaunchctl relaunch
+# --wait` (a stop signal while the system runs), InvalidVolume by `relaunchctl check`'s
+# local sealed-volume reading.
+CLIENT_SIDE = {"NoDaemon", "AccessDenied", "Interrupted", "InvalidVolume"}
 
 
 def every_error() -> list[type[RelaunchError]]:
