@@ -178,7 +178,8 @@ def test_properties_when_idle(subject):
     assert engine.can_relaunch == "no"
     assert isinstance(engine.version, str) and engine.version
     caps = engine.capabilities
-    assert set(caps) == {*registry.NAMES, "best"}
+    assert set(caps) == {*registry.NAMES, "best", "volumes"}
+    assert caps["volumes"] == []          # the fixture root has no /etc/crypttab
     for method in registry.NAMES:
         assert set(caps[method]) == {"ready", "reasons"}
         assert isinstance(caps[method]["ready"], bool)

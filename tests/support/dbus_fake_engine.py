@@ -141,6 +141,7 @@ class Engine:
         caps: dict = {m: {"ready": v.ready, "reasons": [c.id for c in v.reasons]}
                       for m, v in self._report.verdicts.items()}
         caps["best"] = self._report.best
+        caps["volumes"] = []            # no /etc/crypttab volume sealed to the TPM
         return caps
 
     @property

@@ -114,6 +114,7 @@ class FakeMachine:
         self.release_load = threading.Event()
         self.release_load.set()
         self.inhibitors: list[Inhibitor] = []     # what logind would list
+        self.volumes: list[dict] = []         # what platform.sealed_volumes would report
         self.tpm = True                       # False: every TPM step raises NoTpm
         self.fail_measure: BaseException | None = None
         self.fail_quiesce: BaseException | None = None
@@ -216,6 +217,9 @@ class FakeMachine:
 
     def readiness(self) -> Report:
         return self.report
+
+    def sealed_volumes(self, method, tcti, measurement_pcr):
+        return [dict(v) for v in self.volumes]
 
     def boot_id(self) -> str | None:
         return self.boot

@@ -113,6 +113,22 @@ def assert_inhibitor_entries(entries: list[dict], expected_who: list[str]) -> No
         assert entry["mode"] == "block" and "shutdown" in entry["what"].split(":")
 
 
+# platform.sealed_volumes.report's entries (docs/fleet.md "Sealed volumes").
+VOLUME_KEYS = {"name", "device", "pcrs", "unlocks_after_relaunch", "stale_pcrs", "reason",
+               "remedy"}
+
+
+def assert_volume_entries(volumes: list[dict], expected_names: list[str | None]) -> None:
+    assert [v["name"] for v in volumes] == expected_names
+    for volume in volumes:
+        assert set(volume) >= VOLUME_KEYS, volume
+        assert isinstance(volume["unlocks_after_relaunch"], bool)
+        assert all(isinstance(p, int) for p in volume["pcrs"] + volume["stale_pcrs"])
+        assert isinstance(volume["reason"], str) and volume["reason"]
+        if "error" in volume:        # cannot tell: never counted as unlocking
+            assert volume["unlocks_after_relaunch"] is False
+
+
 def assert_quiesce_plan(plan: quiesce.QuiescePlan) -> None:
     """engine.stage stores it (to_json) for the shutdown hook, which reads it back
     (from_json); plan_summary goes into staged.json."""

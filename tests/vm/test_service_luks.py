@@ -92,7 +92,17 @@ def test_sealed_volumes_predicted_then_proven_by_a_relaunch(guest, vm_image, key
         staged = json.loads(guest.run(f"relaunchctl stage --json {IMAGES}/luks.efi",
                                       timeout=300).output)
         pcr7_before = pcr(guest, 7)
-        result, boot = guest.transition_attached("relaunchctl relaunch --wait",
+        # launch.sealed_volumes: block (the default) refuses, naming the volume that would
+        # ask for a passphrase and only that one; Capabilities carries the prediction.
+        refused = guest.run("relaunchctl relaunch --wait", check=False)
+        assert refused.rc == 1, refused.output
+        assert "would not unlock after the relaunch: sealed7and15 (" in refused.output
+        assert "sealed7 (" not in refused.output
+        caps = json.loads(guest.run("relaunchctl status --json").output)["Capabilities"]
+        assert {v["name"]: v["unlocks_after_relaunch"] for v in caps["volumes"]} == {
+            "sealed7": True, "sealed7and15": False}
+        # Forced: the relaunch goes through and the prediction is put to the test.
+        result, boot = guest.transition_attached("relaunchctl relaunch --wait --force",
                                                  timeout=KEXEC_TIMEOUT)
         vm_timings.add("relaunch_attached_to_ready", boot.seconds)
         assert result.rc == 0, result.output

@@ -7,7 +7,8 @@ line with relaunchd.id, measurement log against PCR 23) and publishes it as
 LastRelaunch, in the journal and in the Prometheus textfile. Then what can go wrong:
 a rehearsal and a fault-injected rollback, SIGKILL between Relaunch and the hand-off, a
 kernel that does not come up (the guest falls back through firmware), `--immediate`
-(the daemon quiesces and kexecs itself), a tampered log.
+(the daemon quiesces and kexecs itself), kured's documented reboot command with nothing
+staged (relaunchd's own fallback to a firmware reboot), a tampered log.
 
 Runs after test_service (file order) and before test_stage, which locks the guest down.
 """
@@ -15,10 +16,12 @@ Runs after test_service (file order) and before test_stage, which locks the gues
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relaunchd.engine.journal_ids import MESSAGE_IDS
 
@@ -26,6 +29,7 @@ from .guestsetup import BUS, CONFIG, IMAGES, PROM, configure, rng_address
 from .guestuki import guest_uki
 
 KEXEC_TIMEOUT = 600
+REPO = Path(__file__).resolve().parents[2]
 CERT = "/etc/relaunchd/test-db.pem"
 LOG = "/var/lib/relaunchd/measurements.log"
 DROPIN = "/run/systemd/system/relaunchd.service.d/fault.conf"
@@ -251,6 +255,41 @@ def test_kernel_that_fails_to_boot_is_reported_unverified(service, vm_image, key
     assert "relaunchd_last_relaunch_verified 0" in guest.run(f"cat {PROM}").output
     journal = guest.run(f"journalctl -b -o cat MESSAGE_ID={MESSAGE_IDS['unverified']}").output
     assert f"relaunch {relaunch_id} NOT VERIFIED" in journal
+
+
+def kured_reboot_command() -> str:
+    """The command docs/fleet.md's kured snippet names (the DaemonSet's container args)."""
+    text = (REPO / "docs" / "fleet.md").read_text()
+    section = text[text.index("## kured"):]
+    args = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert "--reboot-method=command" in args, args
+    [command] = [a.split("=", 1)[1] for a in args if a.startswith("--reboot-command=")]
+    return command
+
+
+def test_kured_reboot_command_reboots_through_firmware_when_nothing_is_staged(service,
+                                                                              vm_timings):
+    """kured's contract, with the command exactly as documented: nothing is staged, so
+    relaunchd says why, records it and reboots through firmware; the caller — attached, in
+    a scope the shutdown stops, as kured's pod is — exits 0 with its one line, and the new
+    boot reports a fallback, never a verified relaunch."""
+    guest = service
+    command = kured_reboot_command()
+    assert command == "/usr/bin/relaunchctl relaunch --wait --fallback reboot"
+    guest.run("relaunchctl cancel", check=False)
+    assert status(guest)["State"] == "idle"
+    result, boot = guest.transition_attached(f"systemd-run --quiet --scope {command}",
+                                             timeout=KEXEC_TIMEOUT)
+    vm_timings.add("kured_fallback_reboot_to_ready", boot.seconds)
+    match = re.fullmatch(r"relaunch (\S+): the system is going down\n", result.output)
+    assert result.rc == 0 and match, result
+    last = status(guest)["LastRelaunch"]
+    assert last["id"] == match.group(1), last
+    assert (last["method"], last["handoff"], last["verified"]) == (
+        "firmware-reboot", "reboot", False), last
+    assert last["fallback"]["reason"].startswith("NotStaged"), last
+    events = json.loads(guest.run("relaunchctl history --json").output)
+    assert any(e["event"] == "relaunch-fallback" and e["id"] == last["id"] for e in events)
 
 
 def test_tampered_log_is_detected_after_relaunch(service, vm_image, keys, tmp_path):

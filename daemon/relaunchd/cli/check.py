@@ -73,20 +73,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def sealed_volumes_of(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The sealed-volume prediction (platform.sealed_volumes) for this check; a problem
-    with /etc/crypttab or the image is one entry saying so, not a failed check."""
-    from relaunchd.errors import RelaunchError
+    """The sealed-volume prediction (platform.sealed_volumes) for this check."""
     from relaunchd.platform import sealed_volumes
 
     method = "kexec" if args.method == "auto" else args.method
-    try:
-        pcrsig = sealed_volumes.image_pcrsig(args.image) if args.image else None
-        context = sealed_volumes.Context(tcti=args.tpm_tcti, method=method, pcrsig=pcrsig)
-        return sealed_volumes.report(SysRoot(args.root), context)
-    except RelaunchError as exc:
-        return [{"name": None, "device": None, "pcrs": [], "unlocks_after_relaunch": False,
-                 "stale_pcrs": [], "reason": f"{exc.name}: {exc}", "remedy": None,
-                 "error": str(exc)}]
+    return sealed_volumes.report_or_problem(
+        SysRoot(args.root), sealed_volumes.Context(tcti=args.tpm_tcti, method=method),
+        image=args.image)
 
 
 def render_firmware_time(saved: FirmwareTime) -> str:

@@ -30,6 +30,7 @@ DEFAULT_PATH = "/etc/relaunchd/relaunchd.yaml"
 LAUNCH_METHODS = ("auto", *launch_names.NAMES)
 LOADERS = ("file", "segments")
 FALLBACKS = ("none", "reboot")
+SEALED_VOLUME_POLICIES = ("block", "report")
 AUTO_STAGE = ("off", "next-boot")
 PCI_ADDRESS = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 DRIVER_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -133,6 +134,11 @@ class LaunchConfig:
     # What Relaunch does when the relaunch cannot happen: "none" (fail, as before) or
     # "reboot" (say why, record it, and do an ordinary firmware reboot).
     fallback: str = field(default="none", metadata=_check(_one_of(*FALLBACKS)))
+    # A TPM-sealed volume in /etc/crypttab that would not unlock after the relaunch:
+    # "block" refuses Relaunch (force overrides; with fallback: reboot the machine reboots
+    # through firmware instead, which resets the PCRs), "report" only reports it.
+    sealed_volumes: str = field(default="block",
+                                metadata=_check(_one_of(*SEALED_VOLUME_POLICIES)))
 
 
 @dataclass(frozen=True)

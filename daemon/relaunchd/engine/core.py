@@ -44,6 +44,7 @@ from relaunchd.engine.relaunch import Relauncher
 from relaunchd.engine.stage import Stager
 from relaunchd.errors import Busy, InvalidArgument
 from relaunchd.launch import registry
+from relaunchd.platform import sealed_volumes
 
 log = logging.getLogger("relaunchd.engine")
 
@@ -298,6 +299,10 @@ class Engine:
         configured = self.config.launch.method
         caps["best"] = (ready[0] if ready else None) if configured == "auto" else (
             configured if configured in ready else None)
+        # For the method a relaunch would use: a DRTM launch resets PCRs 17-22.
+        measurement = self.config.measurement
+        caps["volumes"] = [sealed_volumes.summary(v) for v in self.machine.sealed_volumes(
+            caps["best"] or "kexec", measurement.tcti, measurement.pcr)]
         support = report.facts.get("kexec.support")
         core = support.value.get("kexec_core") if support is not None and support.ok \
             and isinstance(support.value, dict) else None

@@ -25,6 +25,7 @@ from relaunchd.platform import (
     image_files,
     inhibitors,
     quiesce,
+    sealed_volumes,
     tpm,
     tpm_extend_log,
     txt_registers,
@@ -188,6 +189,12 @@ class HostMachine:
 
     def readiness(self) -> assessment.Report:
         return assessment.assess(self.probe_config)
+
+    def sealed_volumes(self, method: str, tcti: str | None,
+                       measurement_pcr: int | None) -> list[dict[str, Any]]:
+        context = sealed_volumes.Context(tcti=tcti, method=method,
+                                         measurement_pcr=measurement_pcr)
+        return sealed_volumes.report_or_problem(self.root, context)
 
     def block_inhibitors(self) -> list[dict[str, Any]]:
         if self.inhibitor_source is None:

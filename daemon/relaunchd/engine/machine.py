@@ -101,6 +101,12 @@ class Machine(Protocol):
     def readiness(self) -> Report:
         """Platform facts and every launch method's verdict, read now."""
 
+    def sealed_volumes(self, method: str, tcti: str | None,
+                       measurement_pcr: int | None) -> list[dict[str, Any]]:
+        """/etc/crypttab's TPM-sealed volumes and whether each unlocks after a relaunch by
+        `method` (platform.sealed_volumes.report; a problem reading them is one entry
+        with `error`)."""
+
     def block_inhibitors(self) -> list[dict[str, Any]]:
         """logind `block` inhibitors for shutdown ({what, who, why, mode, uid, pid})."""
 

@@ -288,6 +288,13 @@ def readiness(config: Config, machine: Machine, record: StagedRecord,
             raise NotReady(f"the {record.method} method is no longer ready ({why}); see "
                            "`relaunchctl check`, or force")
         overridden.append(f"method {record.method} not ready: {why}")
+    if config.launch.sealed_volumes == "block":
+        stuck = volumes_that_stay_locked(config, machine, record.method)
+        if stuck:
+            if not force:
+                raise NotReady(f"{stuck}; set launch.sealed_volumes: report to relaunch "
+                               "anyway, or force")
+            overridden.append(stuck)
     if config.quiesce.respect_inhibitors:
         blockers = machine.block_inhibitors()
         if blockers:
@@ -297,6 +304,23 @@ def readiness(config: Config, machine: Machine, record: StagedRecord,
                                 "for them, or force")
             overridden.append(f"inhibitors: {named}")
     return overridden
+
+
+def volumes_that_stay_locked(config: Config, machine: Machine, method: str) -> str | None:
+    """What `launch.sealed_volumes: block` refuses: TPM-sealed volumes whose policy the
+    relaunch would leave unsatisfied (the new boot would ask for a passphrase). A volume
+    that cannot be read is logged, not counted: nothing says it is sealed to the TPM."""
+    cfg = config.measurement
+    stuck = []
+    for volume in machine.sealed_volumes(method, cfg.tcti, cfg.pcr):
+        if volume.get("error"):
+            log.warning("sealed volume %s: %s", volume.get("name") or "?", volume["reason"])
+        elif not volume.get("unlocks_after_relaunch"):
+            remedy = f"; {volume['remedy']}" if volume.get("remedy") else ""
+            stuck.append(f"{volume['name']} ({volume['reason']}{remedy})")
+    if not stuck:
+        return None
+    return ("TPM-sealed volume(s) would not unlock after the relaunch: " + "; ".join(stuck))
 
 
 def log_path(config: Config) -> str:

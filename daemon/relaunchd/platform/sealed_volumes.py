@@ -26,6 +26,7 @@ What a kexec relaunch does to the PCRs up to a volume's unlock in the new boot:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,6 +117,27 @@ def report(root: SysRoot, context: Context | None = None) -> list[dict[str, Any]
         if volume is not None:
             volumes.append(volume)
     return volumes
+
+
+def report_or_problem(root: SysRoot, context: Context | None = None,
+                      image: str | None = None) -> list[dict[str, Any]]:
+    """`report`, with `image`'s `.pcrsig` in the context; a problem with /etc/crypttab
+    or the image is one entry saying so (with `error`), never an exception."""
+    try:
+        if image is not None:
+            context = dataclasses.replace(context or Context(), pcrsig=image_pcrsig(image))
+        return report(root, context)
+    except RelaunchError as exc:
+        return [{"name": None, "device": None, "pcrs": [], "unlocks_after_relaunch": False,
+                 "stale_pcrs": [], "reason": f"{exc.name}: {exc}", "remedy": None,
+                 "error": str(exc)}]
+
+
+def summary(volume: dict[str, Any]) -> dict[str, Any]:
+    """A volume's verdict without its per-token detail (for Capabilities)."""
+    keys = ("name", "device", "pcrs", "unlocks_after_relaunch", "stale_pcrs", "reason",
+            "remedy", "error")
+    return {k: volume[k] for k in keys if k in volume}
 
 
 def _volume(root: SysRoot, entry: crypttab.CrypttabEntry,

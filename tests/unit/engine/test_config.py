@@ -33,7 +33,7 @@ def test_the_json_form_is_the_files_keys_with_lists():
     assert "source" not in data and "notes" not in data           # not keys of the file
     assert data["image_dirs"] == ["/boot"]                         # tuples as lists
     assert data["launch"] == {"method": "auto", "require_drtm": False, "loader": None,
-                              "fallback": "none"}
+                              "fallback": "none", "sealed_volumes": "block"}
     assert json.loads(json.dumps(data)) == data
     keys = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
     assert set(data) == keys

@@ -119,7 +119,8 @@ def test_full_example_parses():
     assert loaded.measurement.banks == ("sha256", "sha384")
     assert loaded.cmdline.append == ("quiet", "console=ttyS0")
     assert loaded.to_json()["launch"] == {"method": "txt", "require_drtm": True,
-                                          "loader": "segments", "fallback": "none"}
+                                          "loader": "segments", "fallback": "none",
+                                          "sealed_volumes": "block"}
     assert parse("quiesce: {offline_cpus: none}\n").quiesce.offline_cpus == "none"
 
 

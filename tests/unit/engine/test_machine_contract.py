@@ -187,6 +187,24 @@ def test_block_inhibitors(machine):
     contract.assert_inhibitor_entries(machine.block_inhibitors(), ["apt"])
 
 
+def test_sealed_volumes(machine):
+    """A crypttab volume whose device is not there: named, never counted as unlocking."""
+    if isinstance(machine, FakeMachine):
+        assert machine.sealed_volumes("kexec", None, 23) == []
+        machine.volumes = [{"name": "data", "device": "/dev/vdz", "pcrs": [],
+                            "unlocks_after_relaunch": False, "stale_pcrs": [],
+                            "reason": "cannot open /dev/vdz: No such file or directory",
+                            "remedy": "check the device in /etc/crypttab",
+                            "error": "No such file or directory"}]
+    else:
+        assert machine.sealed_volumes("kexec", None, 23) == []     # no /etc/crypttab
+        (Path(machine.root.root) / "etc").mkdir(exist_ok=True)
+        (Path(machine.root.root) / "etc/crypttab").write_text("data /dev/vdz none luks\n")
+    volumes = machine.sealed_volumes("kexec", None, 23)
+    contract.assert_volume_entries(volumes, ["data"])
+    assert "error" in volumes[0] and "/dev/vdz" in volumes[0]["reason"]
+
+
 def test_quiesce_plan(machine):
     contract.assert_quiesce_plan(machine.quiesce_plan(quiesce.QuiescePolicy()))
 

@@ -489,3 +489,65 @@ def test_a_fallback_that_never_rebooted_is_an_aborted_relaunch(env):
     assert again.last_error["name"] == RelaunchAborted.name
     assert ("recover",) not in machine.calls  # nothing was extended: no log to cut
     assert again.history()[0]["event"] == "relaunch-aborted"
+
+
+# ------------------------------------------------------------------ sealed volumes
+# launch.sealed_volumes: block refuses a relaunch after which a TPM-sealed volume would not
+# unlock (platform.sealed_volumes predicts it; tests/integration/test_sealed_volumes.py and
+# the guest hold that prediction to systemd-cryptenroll and systemd-cryptsetup).
+
+STAYS_LOCKED = {"name": "data", "device": "UUID=1234", "pcrs": [7, 11],
+                "unlocks_after_relaunch": False, "stale_pcrs": [],
+                "reason": "PCR 11 is extended by systemd-pcrphase on the way down",
+                "remedy": "re-enrol against PCR 7 only, or keep a recovery key"}
+UNLOCKS = {"name": "swap", "device": "/dev/vdb", "pcrs": [7],
+           "unlocks_after_relaunch": True, "stale_pcrs": [], "reason": "PCR 7 survives",
+           "remedy": None, "tokens": [{"token": 0}]}
+UNREADABLE = {"name": "gone", "device": "/dev/sdz", "pcrs": [],
+              "unlocks_after_relaunch": False, "stale_pcrs": [],
+              "reason": "cannot open /dev/sdz: No such file", "remedy": "check the device",
+              "error": "No such file"}
+
+
+def test_a_volume_that_would_stay_locked_refuses_the_relaunch(env):
+    engine, _ = staged_engine(env)
+    env.machine.volumes = [UNLOCKS, STAYS_LOCKED, UNREADABLE]
+    with pytest.raises(NotReady) as refused:
+        engine.relaunch()
+    message = str(refused.value)
+    assert message.startswith("TPM-sealed volume(s) would not unlock after the relaunch: "
+                              "data (PCR 11 is extended by systemd-pcrphase on the way down; "
+                              "re-enrol against PCR 7 only, or keep a recovery key)")
+    assert "swap" not in message and "gone" not in message   # unlocks / cannot tell
+    assert "launch.sealed_volumes: report" in message
+    assert engine.state == "staged" and "measure" not in env.machine.names()
+    assert not env.pending_json.exists()
+    engine.relaunch(force=True)
+    assert engine.history()[0]["detail"]["overridden"] == [message.split("; set launch")[0]]
+
+
+def test_sealed_volumes_report_only_relaunches(env):
+    env.config = dataclasses.replace(env.config, launch=LaunchConfig(sealed_volumes="report"))
+    engine, _ = staged_engine(env)
+    env.machine.volumes = [STAYS_LOCKED]
+    engine.relaunch()
+    assert engine.state == "relaunching"
+    assert engine.capabilities["volumes"] == [STAYS_LOCKED]
+
+
+def test_a_volume_that_would_stay_locked_falls_back_to_a_firmware_reboot(env):
+    """What an orchestrator wants: the firmware reboot resets the PCRs, so it unlocks."""
+    machine = FakeMachine()
+    engine = staged_on(env, machine)
+    machine.volumes = [STAYS_LOCKED]
+    engine.relaunch(fallback="reboot")
+    assert machine.calls[-1] == ("handoff", "reboot") and "measure" not in machine.names()
+    assert pending(env.config)["fallback_reason"].startswith(
+        "NotReady: TPM-sealed volume(s) would not unlock")
+
+
+def test_capabilities_summarise_each_volume_for_the_best_method(env):
+    env.machine.volumes = [UNLOCKS]
+    engine = env.engine()
+    assert engine.capabilities["volumes"] == [
+        {k: v for k, v in UNLOCKS.items() if k != "tokens"}]     # no per-token detail
