@@ -127,7 +127,8 @@ def _last_relaunch_lines(last: dict[str, Any]) -> list[str]:
         lines += _family("last_relaunch_downtime_seconds", "gauge",
                          "Downtime of the last relaunch, from hand-off to the new system up.",
                          [({}, downtime)])
-    avoided = _usec((last.get("firmware_time") or {}).get("avoided_usec"))
+    firmware = last.get("firmware_time")
+    avoided = _usec(firmware.get("avoided_usec")) if isinstance(firmware, dict) else None
     if avoided is not None:
         lines += _family("last_relaunch_firmware_avoided_seconds", "gauge",
                          "Firmware and boot loader time the last relaunch avoided (0: it "

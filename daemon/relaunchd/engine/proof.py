@@ -298,7 +298,8 @@ def unknown_firmware_time(reason: str) -> dict[str, Any]:
 
 def firmware_avoided_usec(last_relaunch: dict[str, Any]) -> int | None:
     """The history's `firmware_avoided_usec` of a LastRelaunch record (None: unknown)."""
-    value = (last_relaunch.get("firmware_time") or {}).get("avoided_usec")
+    firmware = last_relaunch.get("firmware_time")
+    value = firmware.get("avoided_usec") if isinstance(firmware, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 

@@ -336,6 +336,8 @@ def test_without_a_firmware_time_read_it_is_unknown():
     assert proof.firmware_avoided_usec(result) is None
     assert proof.firmware_avoided_usec({}) is None
     assert proof.firmware_avoided_usec({"firmware_time": {"avoided_usec": True}}) is None
+    assert proof.firmware_avoided_usec({"firmware_time": "garbage"}) is None
+    assert proof.firmware_avoided_usec({"firmware_time": {"avoided_usec": 0}}) == 0
 
 
 def test_a_proof_that_could_not_run_has_an_unknown_firmware_time(env, monkeypatch):
