@@ -4,6 +4,8 @@ platform fixture root) and the TPM steps against a software TPM (swtpm). The sam
 assertions (tests/support/machine_contract.py) run against both; the unit-tier part of
 the contract is tests/unit/engine/test_machine_contract.py.
 
+The firmware time from the kernel's FPDT record, on both (test_firmware_time_from_the_fpdt).
+
 The fake is not a TPM model: that the TPM's PCR holds what the log replays to is checked
 for the real machine only (test_the_real_measurement_replays_to_the_extended_pcr).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +23,7 @@ from fixtures.platforms.build import materialize
 from relaunchd.engine.config import Config, TrustConfig
 from relaunchd.engine.host_machine import HostMachine
 from relaunchd.engine.stage_request import StageRequest, stage_options
+from relaunchd.formats.firmware_time import FirmwareTime
 from relaunchd.platform.probe_config import ProbeConfig
 from relaunchd.platform.sysroot import SysRoot
 from support import machine_contract as contract
@@ -75,6 +79,36 @@ def test_digests_of_the_fake_staged_image(initrd):
     if not initrd:
         staged.initrd = None
     contract.assert_digests(FakeMachine().digests(staged, BANKS), BANKS, initrd=initrd)
+
+
+# ------------------------------------------------------------------ firmware time
+
+# The kernel's FPDT boot record (drivers/acpi/acpi_fpdt.c: one decimal per file, ns).
+FPDT = {"firmware_start_ns": "0", "bootloader_load_ns": "4100000000",
+        "bootloader_launch_ns": "4200000000", "exitbootservice_start_ns": "6900000000",
+        "exitbootservice_end_ns": "7000000000"}
+FPDT_TIME = {"source": "acpi-fpdt", "firmware_usec": 4200000, "loader_usec": 2800000,
+             "avoided_usec": 7000000, "reason": None}
+
+
+@pytest.mark.parametrize("kind", ["fake", "host"])
+def test_firmware_time_from_the_fpdt(kind, host):
+    """The laptop fixture with the kernel's FPDT directory: what the proof copies into
+    LastRelaunch, the same shape from both (the unit tier covers systemd-boot's variables
+    and an unreadable source)."""
+    if kind == "fake":
+        machine = FakeMachine()
+        machine.cold_boot = FirmwareTime("acpi-fpdt", firmware_usec=4200000,
+                                         loader_usec=2800000)
+    else:
+        boot = Path(host.root.root, "sys/firmware/acpi/fpdt/boot")
+        boot.mkdir(parents=True)
+        for name, value in FPDT.items():
+            (boot / name).write_text(value + "\n")
+        machine = host
+    value = machine.firmware_time()
+    contract.assert_firmware_time(value)
+    assert value == FPDT_TIME
 
 
 # ------------------------------------------------------------------ with a TPM

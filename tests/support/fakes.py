@@ -22,6 +22,7 @@ from relaunchd.engine.host_machine import HostMachine
 from relaunchd.engine.machine import BootFacts
 from relaunchd.errors import NoTpm
 from relaunchd.formats.boot_entries import LoaderSettings
+from relaunchd.formats.firmware_time import UNKNOWN, FirmwareTime
 from relaunchd.launch.assessment import Report
 from relaunchd.launch.checks import Check, Verdict
 from relaunchd.launch.registry import NAMES
@@ -84,8 +85,9 @@ class FakeMachine:
 
     By design it does not model: what staging builds (every FakeStaged has the same
     kernel/initrd digests and the command line `console=ttyS0`, whatever the options),
-    a TPM (the replay verdict and reset counter are what a test sets), or a kernel (load
-    sets `loaded`)."""
+    a TPM (the replay verdict and reset counter are what a test sets), a kernel (load
+    sets `loaded`), or firmware (the last cold boot's firmware time is `cold_boot`, what
+    a test sets; a firmware reboot does not change it)."""
 
     def __init__(self, loaded: bool | None = False, report: Report | None = None) -> None:
         self.loaded = loaded
@@ -128,6 +130,12 @@ class FakeMachine:
         self.boot: str | None = BOOT_ID
         self.boot_root: str | None = None     # where boot_entries reads (a fixture tree)
         self.entry_options: list[dict] = []   # prepare_entry's keyword arguments
+        # What firmware_time() answers (the FirmwareTime HostMachine would read; default
+        # unknown, as a BIOS boot). fail_firmware_time: the read fails, which — as on
+        # HostMachine — is an unknown figure with the reason, never an exception.
+        self.cold_boot = FirmwareTime(UNKNOWN, reason="FakeMachine: no boot loader "
+                                      "timestamps and no ACPI FPDT boot record")
+        self.fail_firmware_time: BaseException | None = None
 
     # The catalogue, trust and location rules read files only: the real ones.
     def find_images(self, directories):
@@ -305,6 +313,13 @@ class FakeMachine:
             facts = dataclasses.replace(
                 facts, drtm_log_error="/sys/kernel/security/slaunch/eventlog: not-present")
         return facts
+
+    def firmware_time(self) -> dict:
+        if self.fail_firmware_time is not None:
+            # As HostMachine: a read that fails is an unknown figure, never an exception.
+            return FirmwareTime(UNKNOWN, reason="cannot read the firmware time: "
+                                f"{self.fail_firmware_time}").to_json()
+        return self.cold_boot.to_json()
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]

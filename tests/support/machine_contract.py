@@ -19,6 +19,7 @@ from typing import Any
 
 from relaunchd.engine import relaunch as engine_relaunch
 from relaunchd.engine.machine import BootFacts
+from relaunchd.formats import firmware_time
 from relaunchd.launch import registry
 from relaunchd.launch.assessment import Report
 from relaunchd.launch.checks import Check, Verdict
@@ -31,6 +32,10 @@ IMAGE_ENTRY_KEYS = {"path", "size", "mtime", "title", "uname", "signed", "profil
 # logind inhibitor entries (engine.relaunch names who blocks: "who (why, pid N)").
 INHIBITOR_KEYS = {"what": str, "who": str, "why": str, "mode": str, "uid": int, "pid": int}
 DIGEST_ITEMS = ("kernel", "initrd", "cmdline")
+# The firmware time of the last cold boot (formats.firmware_time.FirmwareTime.to_json).
+FIRMWARE_TIME_KEYS = {"source", "firmware_usec", "loader_usec", "avoided_usec", "reason"}
+FIRMWARE_TIME_SOURCES = {firmware_time.SYSTEMD_BOOT, firmware_time.ACPI_FPDT,
+                         firmware_time.UNKNOWN}
 
 
 def _hex(value: Any, bank: str) -> bool:
@@ -82,6 +87,25 @@ def assert_boot_facts(facts: BootFacts, *, drtm: bool) -> None:
     # Exactly one of the log and the reason there is none.
     assert (facts.drtm_log is None) != (facts.drtm_log_error is None)
     assert facts.drtm_log is None or isinstance(facts.drtm_log, bytes)
+
+
+def assert_firmware_time(value: dict[str, Any]) -> None:
+    """engine.proof copies it into LastRelaunch.firmware_time (JSON, then a{sv}) and takes
+    `avoided_usec` as what a relaunch avoided: a whole number of microseconds, the sum of
+    the two figures, or None — then `source` is "unknown" and `reason` says why."""
+    assert isinstance(value, dict) and set(value) == FIRMWARE_TIME_KEYS, value
+    json.dumps(value)
+    assert value["source"] in FIRMWARE_TIME_SOURCES, value
+    if value["source"] == firmware_time.UNKNOWN:
+        assert value["firmware_usec"] is None and value["loader_usec"] is None
+        assert value["avoided_usec"] is None
+        assert isinstance(value["reason"], str) and re.search(r"\S", value["reason"])
+        return
+    for key in ("firmware_usec", "loader_usec", "avoided_usec"):
+        assert isinstance(value[key], int) and not isinstance(value[key], bool), value
+        assert value[key] >= 0, value
+    assert value["avoided_usec"] == value["firmware_usec"] + value["loader_usec"]
+    assert value["reason"] is None or isinstance(value["reason"], str)
 
 
 def assert_found_images(found: list[str], expected: Sequence[str]) -> None:

@@ -35,7 +35,6 @@ INTEGRATION: dict[str, tuple[str, str]] = {
     "cli/images.py": ("test_bus_service.py", r'relaunchctl\(private_bus, "images"'),
     "cli/inspect.py": ("test_pcr11_oracles.py", r'main\(\["inspect"'),
     "cli/stage.py": ("test_staging.py", r'main\(\["stage"'),
-    "cli/status.py": ("test_bus_service.py", r'relaunchctl\(private_bus, "status"'),
     "formats/addons.py": ("test_addons.py", r"from relaunchd\.formats\.addons import"),
     "launch/staging.py": ("test_staging.py", r"staging\.prepare\("),
     "platform/pcr_values.py": ("test_sealed_volumes.py", r"pcr_values\.read\("),

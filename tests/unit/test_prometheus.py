@@ -10,12 +10,16 @@ import stat
 import pytest
 
 from relaunchd.engine.core import Engine
+from relaunchd.formats.firmware_time import FirmwareTime
 from relaunchd.prometheus import Metrics, TextfileExporter, render, write_textfile
 from support.engine_env import Env, make_env, new_boot
 
 VERIFIED = {"id": "r-42", "method": "txt", "image": "/boot/efi/EFI/Linux/new.efi",
             "time": "2026-11-22T10:00:00+00:00", "verified": True, "measured": True,
-            "downtime_ms": 1234, "drtm": True}
+            "downtime_ms": 1234, "drtm": True,
+            "firmware_time": {"source": "systemd-boot", "firmware_usec": 9120000,
+                              "loader_usec": 3225000, "avoided_usec": 12345000,
+                              "reason": None}}
 
 EXPECTED_VERIFIED = """\
 # HELP relaunchd_staged 1 if an image is staged (loaded for relaunch).
@@ -41,6 +45,10 @@ relaunchd_last_relaunch_drtm 1
 to the new system up.
 # TYPE relaunchd_last_relaunch_downtime_seconds gauge
 relaunchd_last_relaunch_downtime_seconds 1.234
+# HELP relaunchd_last_relaunch_firmware_avoided_seconds Firmware and boot loader time the \
+last relaunch avoided (0: it went through firmware).
+# TYPE relaunchd_last_relaunch_firmware_avoided_seconds gauge
+relaunchd_last_relaunch_firmware_avoided_seconds 12.345
 # HELP relaunchd_last_relaunch_info The last relaunch's id, method and image; the value is \
 always 1.
 # TYPE relaunchd_last_relaunch_info gauge
@@ -49,6 +57,10 @@ relaunchd_last_relaunch_info{id="r-42",method="txt",image="/boot/efi/EFI/Linux/n
 # TYPE relaunchd_relaunches_total counter
 relaunchd_relaunches_total{result="verified"} 3
 relaunchd_relaunches_total{result="unverified"} 1
+# HELP relaunchd_firmware_seconds_saved_total Firmware and boot loader time relaunches \
+avoided, from the last cold boot's figures (unknown counts 0).
+# TYPE relaunchd_firmware_seconds_saved_total counter
+relaunchd_firmware_seconds_saved_total 37.035
 """
 
 EXPECTED_EMPTY = """\
@@ -62,12 +74,17 @@ relaunchd_state{state="staged"} 1
 # TYPE relaunchd_relaunches_total counter
 relaunchd_relaunches_total{result="verified"} 0
 relaunchd_relaunches_total{result="unverified"} 0
+# HELP relaunchd_firmware_seconds_saved_total Firmware and boot loader time relaunches \
+avoided, from the last cold boot's figures (unknown counts 0).
+# TYPE relaunchd_firmware_seconds_saved_total counter
+relaunchd_firmware_seconds_saved_total 0
 """
 
 
 def verified() -> Metrics:
     return Metrics(staged=False, last_relaunch=dict(VERIFIED),
-                   relaunches_total={"unverified": 1, "verified": 3}, state="idle")
+                   relaunches_total={"unverified": 1, "verified": 3}, state="idle",
+                   firmware_saved_usec=37035000)
 
 
 def empty() -> Metrics:
@@ -129,7 +146,8 @@ def test_empty_last_relaunch_omits_every_last_relaunch_series():
 def test_deterministic():
     assert render(verified()) == render(verified())
     shuffled = Metrics(staged=False, last_relaunch=dict(reversed(VERIFIED.items())),
-                       relaunches_total={"verified": 3, "unverified": 1}, state="idle")
+                       relaunches_total={"verified": 3, "unverified": 1}, state="idle",
+                       firmware_saved_usec=37035000)
     assert render(shuffled) == EXPECTED_VERIFIED
 
 
@@ -185,6 +203,40 @@ def test_unknown_downtime_and_flags():
         "relaunchd_last_relaunch_downtime_seconds 0"]
 
 
+@pytest.mark.parametrize(("firmware_time", "gauge"), [
+    ({"source": "systemd-boot", "firmware_usec": 1, "loader_usec": 2, "avoided_usec": 3,
+      "reason": None}, ["relaunchd_last_relaunch_firmware_avoided_seconds 3e-06"]),
+    ({"source": "unknown", "avoided_usec": None, "reason": "BIOS"}, None),
+    ({"source": "unknown", "reason": "BIOS"}, None),       # None left out over D-Bus
+    ({"source": "systemd-boot", "avoided_usec": 0, "reason": "firmware reboot: the fallback"},
+     ["relaunchd_last_relaunch_firmware_avoided_seconds 0"]),
+    ({"avoided_usec": -5}, None), ({"avoided_usec": True}, None),
+    ({"avoided_usec": "12"}, None), (None, None), ("garbage", None), (["x"], None),
+    ("omit", None),
+])
+def test_the_firmware_time_avoided_gauge_only_when_known(firmware_time, gauge):
+    last = dict(VERIFIED, firmware_time=firmware_time)
+    if firmware_time == "omit":                          # concluded by an older relaunchd
+        del last["firmware_time"]
+    families = check_exposition(render(Metrics(staged=False, last_relaunch=last,
+                                               relaunches_total={}, state="idle")))
+    assert families.get("relaunchd_last_relaunch_firmware_avoided_seconds") == gauge
+    assert families["relaunchd_firmware_seconds_saved_total"] == [
+        "relaunchd_firmware_seconds_saved_total 0"]
+
+
+@pytest.mark.parametrize(("usec", "text"), [
+    (0, "0"), (1, "1e-06"), (12345000, "12.345"), (3_600_000_000, "3600"),
+    (123_456_789_012, "123456.789012"),
+])
+def test_seconds_saved_are_the_microseconds_exactly(usec, text):
+    families = check_exposition(render(Metrics(staged=False, last_relaunch={},
+                                               relaunches_total={}, state="idle",
+                                               firmware_saved_usec=usec)))
+    assert families["relaunchd_firmware_seconds_saved_total"] == [
+        f"relaunchd_firmware_seconds_saved_total {text}"]
+
+
 def test_unexpected_results_follow_the_known_ones():
     text = render(Metrics(staged=False, last_relaunch={}, state="idle",
                           relaunches_total={"zeta": 2, "aborted": 1, "verified": 5}))
@@ -201,7 +253,8 @@ def test_prometheus_client_parses_it():
     from prometheus_client import parser
     last = dict(VERIFIED, image='a"b\\c\nd')
     text = render(Metrics(staged=True, last_relaunch=last,
-                          relaunches_total={"verified": 3, "unverified": 1}, state="idle"))
+                          relaunches_total={"verified": 3, "unverified": 1}, state="idle",
+                          firmware_saved_usec=37035000))
     families = {f.name: f for f in parser.text_string_to_metric_families(text)}
     # prometheus_client names a counter family without its _total suffix.
     assert families["relaunchd_relaunches"].type == "counter"
@@ -211,6 +264,10 @@ def test_prometheus_client_parses_it():
     assert info.labels == {"id": "r-42", "method": "txt", "image": 'a"b\\c\nd'}
     assert families["relaunchd_last_relaunch_timestamp_seconds"].samples[0].value == 1795341600
     assert families["relaunchd_last_relaunch_downtime_seconds"].samples[0].value == 1.234
+    saved = families["relaunchd_firmware_seconds_saved"]
+    assert saved.type == "counter" and saved.samples[0].value == 37.035
+    assert families["relaunchd_last_relaunch_firmware_avoided_seconds"].samples[0].value \
+        == 12.345
 
 
 # --- write_textfile ----------------------------------------------------------------------
@@ -304,14 +361,20 @@ def test_metrics_textfile(env, tmp_path):
     relaunch_id = engine.stage(env.image)
     assert engine.wait(5) == "staged", relaunch_id
     assert "relaunchd_staged 1" in prom.read_text()
+    assert "relaunchd_firmware_seconds_saved_total 0\n" in prom.read_text()
     engine.relaunch()
     engine.close()
     new_boot(env)
+    env.machine.cold_boot = FirmwareTime("acpi-fpdt", firmware_usec=5855973,
+                                         loader_usec=8469533)
     engine_with_exporter()
     text = prom.read_text()
     assert "relaunchd_last_relaunch_verified 1" in text
     assert 'relaunchd_relaunches_total{result="verified"} 1' in text
     assert "relaunchd_staged 0" in text
+    assert "relaunchd_last_relaunch_firmware_avoided_seconds 14.325506\n" in text
+    assert "relaunchd_firmware_seconds_saved_total 14.325506\n" in text
+    check_exposition(text)
 
 
 class StubEngine:
@@ -322,11 +385,14 @@ class StubEngine:
         self.staged_image: dict = {}
         self.last_relaunch: dict = {}
         self.events: list[str] = []
+        self.details: list[dict] = []          # per event, when a test sets them
         self.history_calls: list[int] = []
 
     def history(self, limit: int = 50) -> list[dict]:
         self.history_calls.append(limit)
-        return [{"time": "t", "event": e, "id": "r", "detail": {}} for e in self.events][:limit]
+        details = self.details or [{}] * len(self.events)
+        return [{"time": "t", "event": e, "id": "r", "detail": d}
+                for e, d in zip(self.events, details, strict=True)][:limit]
 
 
 def test_the_exporter_writes_on_the_changes_it_watches(tmp_path):
@@ -368,6 +434,27 @@ def test_the_exporter_counts_relaunches_by_result_from_the_whole_history(tmp_pat
     assert 'relaunchd_relaunches_total{result="verified"} 2' in text
     assert 'relaunchd_relaunches_total{result="unverified"} 1' in text
     assert engine.history_calls == [1 << 16]      # every entry the history keeps
+
+
+def test_the_exporter_sums_the_firmware_time_the_concluded_relaunches_avoided(tmp_path):
+    """Over the relaunch-verified/-unverified entries (the ones that concluded a relaunch);
+    an unknown figure (null, or absent in an entry from an older relaunchd) counts 0."""
+    engine = StubEngine()
+    engine.events, engine.details = zip(*[
+        ("relaunch-verified", {"firmware_avoided_usec": 12_345_000}),
+        ("relaunch-unverified", {"firmware_avoided_usec": 0}),          # the fallback
+        ("relaunch-verified", {"firmware_avoided_usec": None}),         # a BIOS boot
+        ("relaunch-verified", {}),                                      # before this field
+        ("relaunch-verified", {"firmware_avoided_usec": 7_000_001}),
+        ("relaunch-unverified", {"firmware_avoided_usec": 1_000_000}),
+        ("relaunch-started", {"firmware_avoided_usec": 99_000_000}),    # not a conclusion
+        ("relaunch-verified", {"firmware_avoided_usec": -1}),           # nonsense: 0
+    ], strict=True)
+    path = tmp_path / "x.prom"
+    TextfileExporter(engine, str(path)).export()
+    families = check_exposition(path.read_text())
+    assert families["relaunchd_firmware_seconds_saved_total"] == [
+        "relaunchd_firmware_seconds_saved_total 20.345001"]
 
 
 def test_without_a_path_the_exporter_does_nothing(tmp_path):

@@ -121,3 +121,8 @@ def test_relaunch_keeps_pcrphase_going_and_the_cold_boot_figures(uefi_guest, vm_
     after = json.loads(guest.run("relaunchctl check --json", check=False).output)[
         "firmware_time"]
     assert after == cold
+    # What this relaunch avoided, as the new boot's proof reports it: the cold boot's.
+    last = json.loads(guest.run("relaunchctl status --json").output)["LastRelaunch"]
+    assert last["id"] == staged["id"], last
+    assert last["firmware_time"]["avoided_usec"] == cold["avoided_usec"], last
+    assert last["firmware_time"]["source"] == cold["source"] == "systemd-boot"

@@ -138,6 +138,10 @@ def test_update_tool_relaunch_is_proven(service, vm_image, keys, tmp_path, vm_ti
     prom = guest.run(f"cat {PROM}").output
     assert "relaunchd_last_relaunch_verified 1" in prom and "relaunchd_staged 0" in prom
     assert f'id="{relaunch_id}"' in prom
+    # A BIOS guest: the firmware time is unknown (null, left out over D-Bus), saved 0 s.
+    assert last["firmware_time"]["source"] == "unknown", last["firmware_time"]
+    assert "avoided_usec" not in last["firmware_time"] and last["firmware_time"]["reason"]
+    assert "relaunchd_firmware_seconds_saved_total 0\n" in prom
     journal = guest.run(f"journalctl -b -o cat MESSAGE_ID={MESSAGE_IDS['verified']}").output
     assert f"relaunch {relaunch_id} verified" in journal
     assert cpu1_online(guest) and rng_driver(guest, guest.rng) == "virtio-pci"
@@ -288,6 +292,7 @@ def test_kured_reboot_command_reboots_through_firmware_when_nothing_is_staged(se
     assert (last["method"], last["handoff"], last["verified"]) == (
         "firmware-reboot", "reboot", False), last
     assert last["fallback"]["reason"].startswith("NotStaged"), last
+    assert last["firmware_time"]["avoided_usec"] == 0, last    # it went through firmware
     events = json.loads(guest.run("relaunchctl history --json").output)
     assert any(e["event"] == "relaunch-fallback" and e["id"] == last["id"] for e in events)
 

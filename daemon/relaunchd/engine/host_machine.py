@@ -20,6 +20,7 @@ from typing import Any
 from relaunchd.engine.machine import BootFacts, Progress
 from relaunchd.errors import InvalidArgument, InvalidImage, KexecFailed, RelaunchError
 from relaunchd.formats import uki
+from relaunchd.formats.firmware_time import UNKNOWN, FirmwareTime
 from relaunchd.launch import assessment, entry_staging, staging
 from relaunchd.platform import (
     image_files,
@@ -31,6 +32,7 @@ from relaunchd.platform import (
     txt_registers,
 )
 from relaunchd.platform.boot_entries import ListedEntry, Listing, list_entries
+from relaunchd.platform.firmware_time import last_cold_boot
 from relaunchd.platform.readiness import ProbeConfig
 from relaunchd.platform.sysroot import SysRoot
 from relaunchd.platform.sysroot_writer import FailAt, SysWriter
@@ -292,6 +294,13 @@ class HostMachine:
             kernel_started=started, now=time.time(),
             slaunch=self.root.is_dir(SLAUNCH_DIR), drtm_pcrs=pcrs,
             drtm_log=drtm_log, drtm_log_error=drtm_log_error, txt_errorcode=errorcode)
+
+    def firmware_time(self) -> dict[str, Any]:
+        try:
+            return last_cold_boot(self.root).to_json()
+        except Exception as exc:   # a figure for a report: never fail the proof over it
+            return FirmwareTime(UNKNOWN, reason=f"cannot read the firmware time: {exc}"
+                                ).to_json()
 
 
 def _injected_failure() -> FailAt | None:

@@ -142,3 +142,11 @@ class Machine(Protocol):
     def boot_id(self) -> str | None: ...
 
     def boot_facts(self, drtm: bool, tcti: str | None) -> BootFacts: ...
+
+    def firmware_time(self) -> dict[str, Any]:
+        """What firmware and boot loader took on the cold boot this system descends from
+        (platform.firmware_time.last_cold_boot), as `FirmwareTime.to_json()`: `source`
+        (systemd-boot | acpi-fpdt | unknown), `firmware_usec`, `loader_usec`,
+        `avoided_usec` (their sum; None when unknown) and `reason` (why unknown). Never
+        raises: what cannot be read is source "unknown" with the reason. A kexec leaves
+        the figures of the original cold boot; a firmware reboot replaces them."""

@@ -22,6 +22,14 @@ Downtime is the hand-off to the moment the facts were read (this daemon starting
 the kernel's start time (whole seconds, from /proc/stat btime) splits it into
 "going down + kexec" and "new kernel + userspace up to relaunchd". Both ends are wall
 clock: after a kexec the new kernel reads the RTC again, so the split is ±1 s.
+
+The firmware time avoided (`firmware_time`, docs/fleet.md "Seconds saved") is read in the
+new boot: after a kexec the ACPI FPDT and systemd-boot's variables still describe the
+cold boot this system descends from, which the relaunch did not go through again, so
+`avoided_usec` is that boot's firmware + boot loader time (None when unknown). A boot
+that came through firmware avoided nothing: the fallback reboot, a TPM whose reset
+counter moved, a dynamic launch that reset the machine (0, with the reason). A boot that
+is not the staged kernel (/proc/cmdline differs) may or may not have: None, with why.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from relaunchd.engine.relaunch import FALLBACK_HANDOFF, log_path
 from relaunchd.engine.state import PendingRecord, now
 from relaunchd.errors import InvalidEventLog, NoTpm, RelaunchAborted, RelaunchError
 from relaunchd.formats import eventlog
+from relaunchd.formats.firmware_time import UNKNOWN, FirmwareTime
 from relaunchd.formats.slrt import SL_EVTYPE_SECURE_LAUNCH
 from relaunchd.launch import registry
 from relaunchd.platform import txt_registers
@@ -101,7 +110,9 @@ class AfterBootProof:
             result = {"id": pending.id, "image": pending.path, "method": pending.method,
                       "time": pending.time, "verified": False, "measured": False,
                       "drtm": False, "downtime_ms": None,
-                      "mismatches": [f"the proof could not run: {exc}"]}
+                      "mismatches": [f"the proof could not run: {exc}"],
+                      "firmware_time": unknown_firmware_time(
+                          f"the proof could not run: {exc}")}
         engine.store.save_last_relaunch(result)
         engine.store.clear_pending()
         engine.transition(last_relaunch=result)
@@ -110,7 +121,8 @@ class AfterBootProof:
         engine.record_history(event, pending.id,
                       {"mismatches": result.get("mismatches", []),
                        "downtime_ms": result.get("downtime_ms"),
-                       "measured": result.get("measured")})
+                       "measured": result.get("measured"),
+                       "firmware_avoided_usec": firmware_avoided_usec(result)})
         fields = {"MESSAGE_ID": MESSAGE_IDS["verified" if verified else "unverified"],
                   "RELAUNCH_ID": pending.id}
         if verified:
@@ -138,8 +150,10 @@ def conclude(config: Config, machine: Machine, pending: PendingRecord) -> dict[s
         except RelaunchError as exc:
             error = str(exc)
     facts = machine.boot_facts(registry.is_drtm(pending.method), cfg.tcti)
+    # Read in this boot: the cold boot a kexec descends from, or the firmware reboot's.
+    firmware = machine.firmware_time()
     return evaluate(pending, facts, verdict=verdict, reset_count=reset_count,
-                            measurement_error=error)
+                    measurement_error=error, firmware_time=firmware)
 
 
 def recover_measurement(config: Config, machine: Machine, pending: PendingRecord) -> int:
@@ -156,9 +170,13 @@ def recover_measurement(config: Config, machine: Machine, pending: PendingRecord
 
 
 def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult | None,
-             reset_count: int | None, measurement_error: str | None = None) -> dict[str, Any]:
-    """The LastRelaunch record for the boot described by `facts`."""
+             reset_count: int | None, measurement_error: str | None = None,
+             firmware_time: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The LastRelaunch record for the boot described by `facts`; `firmware_time` is
+    Machine.firmware_time() read in this boot (None: not read)."""
     mismatches: list[str] = []
+    # Why this boot went through firmware (then it avoided nothing), if it did.
+    through_firmware: str | None = None
     if facts.boot_id is None:
         mismatches.append("the boot id is unreadable")
     elif facts.boot_id == pending.boot_id:
@@ -173,6 +191,7 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
         cmdline_ok = False
         mismatches.append("no relaunch: relaunchd fell back to a firmware reboot ("
                           f"{pending.fallback_reason or 'reason not recorded'})")
+        through_firmware = "firmware reboot: the fallback"
     elif not cmdline_ok:
         mismatches.append(f"/proc/cmdline is {running!r}, the staged command line is "
                           f"{pending.cmdline.strip()!r}")
@@ -186,6 +205,8 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
         elif reset_count is not None and before is not None and reset_count != before:
             mismatches.append(f"the TPM was reset since the hand-off (reset count {before} → "
                               f"{reset_count}): the machine rebooted through firmware")
+            through_firmware = through_firmware or (
+                f"firmware reboot: the TPM reset count went from {before} to {reset_count}")
         elif verdict is not None and not verdict.ok:
             mismatches.extend(verdict.mismatches)
 
@@ -199,6 +220,9 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
             failure = launch_failure(facts.txt_errorcode)
             if failure:
                 mismatches.append(failure)
+                through_firmware = through_firmware or (
+                    "firmware reboot: the dynamic launch reset the machine (TXT.ERRORCODE "
+                    f"{facts.txt_errorcode:#010x})")
         if "error" in pcrs:
             mismatches.append(f"PCRs 17/18 unreadable: {pcrs['error']}")
         elif pcrs.get("reset_state", True):
@@ -237,6 +261,8 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
         "mismatches": mismatches,
         "downtime_ms": downtime_ms,
         "phases": phases or {},
+        "firmware_time": avoided_firmware_time(firmware_time, through_firmware=through_firmware,
+                                               staged_kernel=cmdline_ok),
     }
     if drtm_method:
         result["drtm_log"] = drtm_log
@@ -245,6 +271,36 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
     if fallback:
         result["fallback"] = {"reason": pending.fallback_reason or ""}
     return result
+
+
+def avoided_firmware_time(firmware: dict[str, Any] | None, *, through_firmware: str | None,
+                          staged_kernel: bool) -> dict[str, Any]:
+    """LastRelaunch.firmware_time: the firmware time read in this boot, with `avoided_usec`
+    what this relaunch avoided — the last cold boot's firmware + boot loader time after a
+    kexec or DRTM relaunch, 0 when this boot came `through_firmware` (why, in `reason`),
+    None when that is unknown (`reason` says why)."""
+    if firmware is None:
+        return unknown_firmware_time("the firmware time was not read")
+    result = dict(firmware)
+    if through_firmware is not None:
+        # The figures now describe this boot's own firmware run, which was not avoided.
+        result.update(avoided_usec=0, reason=through_firmware)
+    elif not staged_kernel:
+        result.update(avoided_usec=None, reason=(
+            "this boot is not the staged kernel (/proc/cmdline differs): whether it went "
+            "through firmware is unknown"))
+    return result
+
+
+def unknown_firmware_time(reason: str) -> dict[str, Any]:
+    return FirmwareTime(UNKNOWN, reason=reason).to_json()
+
+
+def firmware_avoided_usec(last_relaunch: dict[str, Any]) -> int | None:
+    """The history's `firmware_avoided_usec` of a LastRelaunch record (None: unknown)."""
+    firmware = last_relaunch.get("firmware_time")
+    value = firmware.get("avoided_usec") if isinstance(firmware, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def launch_failure(errorcode: int | None) -> str | None:

@@ -3,8 +3,10 @@
 Reads the kernel's FPDT boot record, then systemd-boot's
 LoaderTimeInitUSec/LoaderTimeExecUSec from efivarfs (systemd 252's order), through
 the root prefix; the rules and sources are in formats.firmware_time. `relaunchctl
-check` shows `last_cold_boot(root)` ("firmware_time" in --json); LastRelaunch, history
-and the metrics do not carry it yet (docs/fleet.md).
+check` shows `last_cold_boot(root)` ("firmware_time" in --json); the engine reads it
+through its machine (engine.host_machine `firmware_time`) in the boot that proves a
+relaunch, and engine.proof reports what that relaunch avoided in LastRelaunch, the
+history and the metrics (docs/fleet.md, "Seconds saved").
 """
 
 from __future__ import annotations

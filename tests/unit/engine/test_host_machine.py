@@ -126,6 +126,39 @@ def test_boot_facts_without_secure_launch(server):
     assert facts.drtm_log_error.startswith("/sys/kernel/security/slaunch/eventlog: ")
 
 
+# systemd-boot's LoaderTime*USec in efivarfs: attributes 0x00000006 (little-endian), then
+# the UTF-16LE decimal and its NUL, written from the layout ("7000123" and "8500123").
+LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+INIT_7000123 = bytes.fromhex("06000000" "37003000300030003100320033000000")
+EXEC_8500123 = bytes.fromhex("06000000" "38003500300030003100320033000000")
+
+
+def test_firmware_time_of_the_fixture_is_unknown(server):
+    """A UEFI fixture with neither systemd-boot's timestamps nor an FPDT record."""
+    value = machine_on(server).firmware_time()
+    assert value["source"] == "unknown" and value["avoided_usec"] is None
+    assert "no boot loader timestamps" in value["reason"]
+
+
+def test_firmware_time_from_systemd_boot_on_the_fixture(server):
+    efivars = server / "sys/firmware/efi/efivars"
+    (efivars / f"LoaderTimeInitUSec-{LOADER_GUID}").write_bytes(INIT_7000123)
+    (efivars / f"LoaderTimeExecUSec-{LOADER_GUID}").write_bytes(EXEC_8500123)
+    assert machine_on(server).firmware_time() == {
+        "source": "systemd-boot", "firmware_usec": 7000123, "loader_usec": 1500000,
+        "avoided_usec": 8500123, "reason": None}
+
+
+def test_firmware_time_never_raises(server, monkeypatch):
+    def broken(root):
+        raise ValueError("efivarfs went away")
+
+    monkeypatch.setattr(host_machine, "last_cold_boot", broken)
+    assert machine_on(server).firmware_time() == {
+        "source": "unknown", "firmware_usec": None, "loader_usec": None,
+        "avoided_usec": None, "reason": "cannot read the firmware time: efivarfs went away"}
+
+
 class Logind:
     def __init__(self, answer) -> None:
         self.answer = answer

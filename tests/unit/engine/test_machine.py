@@ -23,7 +23,8 @@ def test_the_protocol_names_every_step_the_engine_takes():
         "check_location", "kexec_loaded", "prepare", "load", "unload", "digests",
         "readiness", "block_inhibitors", "quiesce_plan", "quiesce", "rehearse", "rollback",
         "measure", "replay_log", "tpm_reset_count", "recover_log", "handoff", "boot_id",
-        "boot_facts", "boot_entries", "prepare_entry", "sealed_volumes"]) == METHODS
+        "boot_facts", "boot_entries", "prepare_entry", "sealed_volumes",
+        "firmware_time"]) == METHODS
 
 
 @pytest.mark.parametrize("cls", [HostMachine, FakeMachine], ids=lambda c: c.__name__)

@@ -9,6 +9,10 @@ trust files, the location policy, kexec_loaded, logind inhibitors (one logind an
 the same rule), the quiesce plan and — on the fixture tree only — quiesce, rehearsal and
 rollback, and every TPM step without a TPM (NoTpm).
 
+The firmware time of the last cold boot: unknown on the fixture, systemd-boot's
+variables once written into it (the fake: its `cold_boot`), and a read that fails is
+unknown with the reason on both.
+
 What this contract cannot cover: the staged image's digests and the TPM steps with a TPM
 (tests/integration/test_machine_contract.py: real staging of a real UKI, swtpm); load,
 unload and the hand-off on the real machine (host-changing: the VM tier; the hand-off's
@@ -27,6 +31,7 @@ import pytest
 from fixtures.platforms.build import materialize
 from relaunchd.engine.host_machine import HostMachine
 from relaunchd.errors import InvalidArgument, InvalidImage, NoTpm
+from relaunchd.formats.firmware_time import FirmwareTime
 from relaunchd.platform import quiesce
 from relaunchd.platform.image_files import ImagePolicy
 from relaunchd.platform.inhibitors import Inhibitor
@@ -102,6 +107,53 @@ def test_boot_id(machine):
 @pytest.mark.parametrize("drtm", [False, True], ids=["kexec", "drtm"])
 def test_boot_facts(machine, drtm):
     contract.assert_boot_facts(machine.boot_facts(drtm, None), drtm=drtm)
+
+
+# systemd-boot's variables as efivarfs shows them: 4 attribute bytes (0x06: boot-service
+# and runtime access), then the UTF-16LE decimal and its NUL — written from the layout,
+# not by relaunchd's code (tests/unit/formats/test_firmware_time.py).
+LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+LOADER_TIMES = {"LoaderTimeInitUSec": "2500000", "LoaderTimeExecUSec": "3750000"}
+SYSTEMD_BOOT_TIME = {"source": "systemd-boot", "firmware_usec": 2500000,
+                     "loader_usec": 1250000, "avoided_usec": 3750000, "reason": None}
+
+
+def efi_string_variable(text: str) -> bytes:
+    return bytes.fromhex("06000000") + (text + "\0").encode("utf-16-le")
+
+
+def test_firmware_time_unknown(machine):
+    """Neither world has boot loader timestamps or an FPDT (the fixture is a TXT server
+    whose efivarfs holds SecureBoot and SetupMode only): unknown, with the reason."""
+    value = machine.firmware_time()
+    contract.assert_firmware_time(value)
+    assert value["source"] == "unknown" and "no boot loader timestamps" in value["reason"]
+
+
+def test_firmware_time_from_systemd_boot(machine):
+    if isinstance(machine, FakeMachine):
+        machine.cold_boot = FirmwareTime("systemd-boot", firmware_usec=2500000,
+                                         loader_usec=1250000)
+    else:
+        efivars = Path(machine.root.root, "sys/firmware/efi/efivars")
+        for name, usec in LOADER_TIMES.items():
+            (efivars / f"{name}-{LOADER_GUID}").write_bytes(efi_string_variable(usec))
+    value = machine.firmware_time()
+    contract.assert_firmware_time(value)
+    assert value == SYSTEMD_BOOT_TIME
+
+
+def test_firmware_time_that_cannot_be_read_is_unknown_not_an_error(machine):
+    if isinstance(machine, FakeMachine):
+        machine.fail_firmware_time = OSError("Input/output error")
+    else:
+        efivars = Path(machine.root.root, "sys/firmware/efi/efivars")
+        (efivars / f"LoaderTimeInitUSec-{LOADER_GUID}").mkdir()     # not a readable file
+        (efivars / f"LoaderTimeExecUSec-{LOADER_GUID}").write_bytes(
+            efi_string_variable("3750000"))
+    value = machine.firmware_time()
+    contract.assert_firmware_time(value)
+    assert value["source"] == "unknown" and value["reason"]
 
 
 def test_kexec_loaded(machine):

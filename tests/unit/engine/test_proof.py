@@ -17,6 +17,7 @@ from relaunchd.engine import proof, state
 from relaunchd.engine.machine import BootFacts
 from relaunchd.engine.state import PendingRecord
 from relaunchd.formats import slrt
+from relaunchd.formats.firmware_time import FirmwareTime
 from relaunchd.platform.tpm_extend_log import ReplayResult
 from support.drtmlog import CMDLINE, PREDICTED, launch_log, prediction
 from support.engine_env import (
@@ -222,3 +223,132 @@ def test_a_txt_launch_that_reset_names_txt_errorcode(errorcode, named):
 @pytest.mark.parametrize("errorcode", [None, 0, 0xC0000001])
 def test_no_txt_error_adds_no_reason(errorcode):
     assert proof.launch_failure(errorcode) is None
+
+
+# ------------------------------------------------------------------ the firmware time avoided
+
+SYSTEMD_BOOT = FirmwareTime("systemd-boot", firmware_usec=9_120_000, loader_usec=3_225_000)
+
+
+def concluded(env) -> tuple[dict, dict]:
+    """LastRelaunch and the history entry that concluded it, as a restarted engine reads
+    them from disk."""
+    env.engine()
+    engine = env.engine()
+    entry = engine.history()[0]
+    assert entry["event"] in ("relaunch-verified", "relaunch-unverified")
+    return engine.last_relaunch, entry
+
+
+def test_a_kexec_relaunch_avoided_the_last_cold_boots_firmware_and_loader(env):
+    relaunched(env)
+    env.machine.cold_boot = SYSTEMD_BOOT      # read in the new boot: the original cold boot
+    last, entry = concluded(env)
+    assert last["verified"] is True
+    assert last["firmware_time"] == {"source": "systemd-boot", "firmware_usec": 9_120_000,
+                                     "loader_usec": 3_225_000, "avoided_usec": 12_345_000,
+                                     "reason": None}
+    assert entry["detail"]["firmware_avoided_usec"] == 12_345_000
+    saved = json.loads((Path(env.config.state_dir) / "last-relaunch.json").read_text())
+    assert saved["firmware_time"]["avoided_usec"] == 12_345_000
+
+
+def test_an_unknown_firmware_time_is_null_with_the_reason(env):
+    relaunched(env)                           # the FakeMachine's default: a BIOS boot
+    last, entry = concluded(env)
+    assert last["verified"] is True
+    assert last["firmware_time"]["source"] == "unknown"
+    assert last["firmware_time"]["avoided_usec"] is None
+    assert "no boot loader timestamps" in last["firmware_time"]["reason"]
+    assert entry["detail"]["firmware_avoided_usec"] is None
+
+
+def test_a_firmware_time_that_cannot_be_read_does_not_stop_the_proof(env):
+    relaunched(env)
+    env.machine.fail_firmware_time = OSError("efivarfs: Input/output error")
+    last, entry = concluded(env)
+    assert last["verified"] is True and last["firmware_time"]["avoided_usec"] is None
+    assert "Input/output error" in last["firmware_time"]["reason"]
+    assert entry["detail"]["firmware_avoided_usec"] is None
+
+
+def test_the_fallback_reboot_avoided_nothing(env):
+    """The fallback went through firmware: the variables now describe this boot's own
+    firmware run, and the relaunch avoided 0."""
+    relaunched(env, handoff="reboot", method="firmware-reboot",
+               fallback_reason="NotReady: kexec is not ready", measurement={"measured": False})
+    env.machine.facts = dataclasses.replace(env.machine.facts, cmdline="root=/dev/vda quiet")
+    env.machine.cold_boot = SYSTEMD_BOOT
+    last, entry = concluded(env)
+    assert last["method"] == "firmware-reboot" and last["verified"] is False
+    assert last["firmware_time"]["avoided_usec"] == 0
+    assert last["firmware_time"]["reason"] == "firmware reboot: the fallback"
+    assert last["firmware_time"]["firmware_usec"] == 9_120_000   # this boot's firmware run
+    assert entry["event"] == "relaunch-unverified"
+    assert entry["detail"]["firmware_avoided_usec"] == 0
+
+
+def test_a_tpm_reset_means_the_machine_went_through_firmware(env):
+    relaunched(env)
+    env.machine.cold_boot = SYSTEMD_BOOT
+    env.machine.reset_count = 8               # 7 at the hand-off
+    last, entry = concluded(env)
+    assert last["verified"] is False
+    assert last["firmware_time"]["avoided_usec"] == 0
+    assert last["firmware_time"]["reason"] == ("firmware reboot: the TPM reset count went "
+                                               "from 7 to 8")
+    assert entry["detail"]["firmware_avoided_usec"] == 0
+
+
+def test_a_boot_that_is_not_the_staged_kernel_avoided_an_unknown_time(env):
+    relaunched(env)
+    env.machine.cold_boot = SYSTEMD_BOOT
+    env.machine.facts = dataclasses.replace(env.machine.facts, cmdline="root=/dev/vda")
+    last, entry = concluded(env)
+    assert last["verified"] is False and last["firmware_time"]["avoided_usec"] is None
+    assert "not the staged kernel" in last["firmware_time"]["reason"]
+    assert entry["detail"]["firmware_avoided_usec"] is None
+
+
+def test_a_dynamic_launch_that_reset_the_machine_avoided_nothing():
+    boot = dataclasses.replace(facts(None, {}), slaunch=False, txt_errorcode=0xC000C002,
+                               drtm_pcrs={"bank": "sha256", "values": {}, "reset_state": True})
+    result = proof.evaluate(pending(), boot, verdict=None, reset_count=None,
+                            firmware_time=SYSTEMD_BOOT.to_json())
+    assert result["firmware_time"]["avoided_usec"] == 0
+    assert result["firmware_time"]["reason"] == ("firmware reboot: the dynamic launch reset "
+                                                 "the machine (TXT.ERRORCODE 0xc000c002)")
+
+
+def test_a_drtm_launch_as_predicted_avoided_the_cold_boot():
+    log, values = launch_log()
+    result = proof.evaluate(pending(), facts(log, values), verdict=None, reset_count=None,
+                            firmware_time=SYSTEMD_BOOT.to_json())
+    assert result["verified"] is True
+    assert result["firmware_time"]["avoided_usec"] == 12_345_000
+
+
+def test_without_a_firmware_time_read_it_is_unknown():
+    log, values = launch_log()
+    result = evaluate(pending(), facts(log, values))
+    assert result["firmware_time"]["avoided_usec"] is None
+    assert result["firmware_time"]["reason"] == "the firmware time was not read"
+    assert proof.firmware_avoided_usec(result) is None
+    assert proof.firmware_avoided_usec({}) is None
+    assert proof.firmware_avoided_usec({"firmware_time": {"avoided_usec": True}}) is None
+    assert proof.firmware_avoided_usec({"firmware_time": "garbage"}) is None
+    assert proof.firmware_avoided_usec({"firmware_time": {"avoided_usec": 0}}) == 0
+
+
+def test_a_proof_that_could_not_run_has_an_unknown_firmware_time(env, monkeypatch):
+    relaunched(env)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(proof, "evaluate", broken)
+    last, entry = concluded(env)
+    assert last["verified"] is False
+    assert last["firmware_time"]["avoided_usec"] is None
+    assert last["firmware_time"]["reason"] == "the proof could not run: boom"
+    assert entry["detail"]["firmware_avoided_usec"] is None
