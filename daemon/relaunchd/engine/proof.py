@@ -223,6 +223,14 @@ def evaluate(pending: PendingRecord, facts: BootFacts, *, verdict: ReplayResult 
                 through_firmware = through_firmware or (
                     "firmware reboot: the dynamic launch reset the machine (TXT.ERRORCODE "
                     f"{facts.txt_errorcode:#010x})")
+            elif through_firmware and pending.method == "txt":
+                # The DL handler resets on a failed check under launch.require_drtm, but
+                # its reason reaches TXT.ERRORCODE only while the private space is open,
+                # which it is not before a launch (docs/drtm.md "When a check fails").
+                mismatches.append("the TXT launch ended in a platform reset with no reason "
+                                  "recorded (the DL handler's checks under "
+                                  "launch.require_drtm, or SINIT); run `relaunchctl check "
+                                  "--method txt` on this boot")
         if "error" in pcrs:
             mismatches.append(f"PCRs 17/18 unreadable: {pcrs['error']}")
         elif pcrs.get("reset_state", True):

@@ -352,3 +352,19 @@ def test_a_proof_that_could_not_run_has_an_unknown_firmware_time(env, monkeypatc
     assert last["firmware_time"]["avoided_usec"] is None
     assert last["firmware_time"]["reason"] == "the proof could not run: boom"
     assert entry["detail"]["firmware_avoided_usec"] is None
+
+
+def test_a_txt_launch_that_reset_without_a_recorded_reason_says_so():
+    """With the private space closed the handler's reset reason never reaches
+    TXT.ERRORCODE: the proof sees a firmware boot (the TPM reset count moved) and no
+    Secure Launch, and says what that means instead of guessing a reason."""
+    record = dataclasses.replace(pending(), measurement={"measured": True, "reset_count": 4})
+    boot = dataclasses.replace(facts(None, {}), slaunch=False, txt_errorcode=0,
+                               drtm_pcrs={"bank": "sha256", "values": {}, "reset_state": True})
+    result = proof.evaluate(record, boot, verdict=None, reset_count=5)
+    assert result["verified"] is False
+    assert any(m.startswith("the TXT launch ended in a platform reset with no reason "
+                            "recorded") for m in result["mismatches"]), result["mismatches"]
+    # Not said when the new boot did not come through firmware (the handler returned).
+    result = proof.evaluate(record, boot, verdict=None, reset_count=4)
+    assert not any("platform reset" in m for m in result["mismatches"])
