@@ -113,8 +113,8 @@ def new_boot(env: Env) -> None:
     env.machine.loaded = False
 
 
-# An engine environment with several named images (tests/unit/engine/test_stage_replace.py,
-# test_staged_quiesce_summary.py): images made on demand by name.
+# An engine environment with several named images (tests/unit/engine/test_stage.py,
+# test_core.py): images made on demand by name.
 @dataclass
 class EngineEnv:
     config: Config

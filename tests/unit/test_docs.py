@@ -164,3 +164,20 @@ def test_rpm_spec_installs_every_shipped_file():
     missing = [str(p.relative_to(TOP)) for p in shipped
                if f" {p.relative_to(TOP)} " not in text]
     assert not missing, f"relaunchd.spec does not install: {missing}"
+
+
+def test_every_test_the_docs_name_exists():
+    """The docs say how each claim is tested by naming test files and test functions;
+    a moved or renamed test must not leave them pointing at nothing."""
+    docs = [TOP / "README.md", *sorted((TOP / "docs").glob("*.md")),
+            TOP / "contrib/ansible/roles/relaunchd/README.md"]
+    missing = []
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        for path, function in re.findall(r"(tests/[\w/]+\.py)(?:::(\w+))?", text):
+            target = TOP / path
+            if not target.exists():
+                missing.append(f"{doc.name}: {path}")
+            elif function and not re.search(rf"def {function}\b", target.read_text()):
+                missing.append(f"{doc.name}: {path}::{function}")
+    assert missing == []

@@ -244,7 +244,7 @@ def test_cancel_when_idle_or_failed(env):
 
 def test_restage_loads_over_the_staged_image(env):
     # The kernel replaces a loaded image only once the new one is complete; no unload
-    # first, so a failing replacement cannot lose it (test_stage_replace.py).
+    # first, so a failing replacement cannot lose it (the replacement tests below).
     engine, first = staged_engine(env)
     second = engine.stage(env.image)
     assert engine.wait(5) == "staged"
