@@ -98,7 +98,7 @@ class Addon:
 
 
 @dataclass
-class Selection:
+class AddonSelection:
     """What the stub would take from the add-ons for one UKI."""
 
     applied: list[Addon] = field(default_factory=list)
@@ -110,10 +110,10 @@ class Selection:
     used: dict[str, list[str]] = field(default_factory=dict)
 
 
-def select(found: list[Addon], *, stub_major: int | None, uki_uname: str | None) -> Selection:
+def select(found: list[Addon], *, stub_major: int | None, uki_uname: str | None) -> AddonSelection:
     """Apply the stub's rules to the discovered add-ons, in order. `stub_major`:
     the UKI's systemd-stub version (None: unknown, taken as the newest)."""
-    chosen = Selection()
+    chosen = AddonSelection()
     if found and stub_major is not None and stub_major < CMDLINE_SINCE:
         chosen.notes.append(f"add-ons ignored: the image's systemd-stub {stub_major} "
                             f"predates add-ons ({CMDLINE_SINCE})")
@@ -174,7 +174,7 @@ def uname_matches(uki_uname: str, loaded: bytes) -> bool:
     return True
 
 
-def verify(chosen: Selection, trusted: list, allow_unsigned: bool) -> None:
+def verify(chosen: AddonSelection, trusted: list, allow_unsigned: bool) -> None:
     """Every applied add-on must verify against the trusted certificates, like the
     UKI; with `allow_unsigned` and no trust configured they are taken as they are."""
     from relaunchd.formats import authenticode
@@ -193,7 +193,7 @@ def verify(chosen: Selection, trusted: list, allow_unsigned: bool) -> None:
                                  "boot without it, a relaunch must not)")
 
 
-def describe(chosen: Selection) -> list[dict]:
+def describe(chosen: AddonSelection) -> list[dict]:
     """For plan.json: each applied add-on, what it gave and who signed it."""
     return [{"path": a.path, "scope": a.scope, "sections": chosen.used.get(a.path, []),
              "verified_by": a.signature.verified_by if a.signature else None}

@@ -522,7 +522,9 @@ class LoaderSettings:
 
 
 @dataclass(frozen=True)
-class Selection:
+class EntryChoice:
+    """The entry systemd-boot boots next (or by default), and what chose it."""
+
     index: int | None        # into the ordered list; None: no entries
     reason: str              # what chose it ("LoaderEntryOneShot", ..., "first entry")
     pattern: str | None = None
@@ -637,11 +639,11 @@ def find(ordered: Sequence[BootEntry], pattern: str | None) -> int | None:
 
 
 def select(ordered: Sequence[BootEntry], settings: LoaderSettings, *,
-           oneshot: bool = True) -> Selection:
+           oneshot: bool = True) -> EntryChoice:
     """The entry the loader boots when nobody presses a key; `oneshot=False`: the one it
     boots once no one-shot is pending (what `bootctl` marks "default")."""
     if not ordered:
-        return Selection(None, "no entries")
+        return EntryChoice(None, "no entries")
     low = {k: ascii_lower(v) if v is not None else None
            for k, v in (("conf", settings.default_pattern), ("efi", settings.default_efivar))}
     saved_conf, saved_efi = low["conf"] == "@saved", low["efi"] == "@saved"
@@ -661,8 +663,8 @@ def select(ordered: Sequence[BootEntry], settings: LoaderSettings, *,
     for reason, pattern in steps:
         i = find(ordered, pattern)
         if i is not None:
-            return Selection(i, reason, pattern)
-    return Selection(0, "first entry")
+            return EntryChoice(i, reason, pattern)
+    return EntryChoice(0, "first entry")
 
 
 def efivar_string(payload: bytes) -> str:

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from relaunchd.errors import InvalidArgument
+from relaunchd.formats import pcr11
 
 # TCG Algorithm Registry ids.
 HASH_ALG_IDS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
@@ -61,11 +62,12 @@ def digest(alg: str, data: bytes) -> bytes:
     return hashlib.new(hash_name(alg), data).digest()
 
 
-def extend(bank: str, value: bytes, measured: bytes) -> bytes:
-    """TPM2_PCR_Extend of one bank: new := H(old || digest) (Part 1 §17.2)."""
+def extended(bank: str, value: bytes, measured: bytes) -> bytes:
+    """TPM2_PCR_Extend of one bank (Part 1 §17.2, pcr11.extended) on values read from a
+    TPM or a token, whose sizes are checked first."""
     if len(value) != HASH_SIZES[hash_name(bank)] or len(measured) != len(value):
         raise InvalidArgument(f"{bank} PCR values and digests are {HASH_SIZES[bank]} bytes")
-    return digest(bank, value + measured)
+    return pcr11.extended(hash_name(bank), value, measured)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from relaunchd.errors import InvalidArgument, InvalidVolume
 from relaunchd.formats import tpm_policy
 from relaunchd.formats.luks_tokens import TpmSealing
 from relaunchd.formats.pcr11 import PcrSigEntry
+from relaunchd.formats.slrt import DRTM_PCR_RANGE
 
 # PCRs that measure the boot chain in a firmware boot (TCG PC Client Platform Firmware
 # Profile §3.3.4 for 4 and 8/9 as GRUB and the Linux EFI stub use them; systemd's
@@ -48,7 +49,7 @@ BOOT_CHAIN_PCRS = {
 }
 # Reset and extended by a dynamic launch (TXT/SKINIT); sealing against them survives
 # a DRTM relaunch of a known image. Never touched by a plain kexec.
-DRTM_PCRS = frozenset(range(17, 23))
+DRTM_RESET_PCRS = frozenset(DRTM_PCR_RANGE)     # what a dynamic launch resets
 
 REMEDY_RE_ENROL = ("re-enrol against PCRs a relaunch keeps, e.g. `systemd-cryptenroll "
                    "--wipe-slot=tpm2 --tpm2-device=auto --tpm2-pcrs=7 DEVICE`; keep a "
@@ -114,7 +115,7 @@ def predicted_values(current: Mapping[int, bytes], bank: str, pcrs: Sequence[int
                 unknown.append(f"PCR {pcr}: {extend.label}")
                 value = None
                 break
-            value = tpm_policy.extend(bank, value, measured)
+            value = tpm_policy.extended(bank, value, measured)
         if value is not None:
             values[pcr] = value
     return values, unknown

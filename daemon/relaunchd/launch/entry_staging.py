@@ -149,7 +149,7 @@ def _prepare_type1(listed: ListedEntry, options: StageOptions,
             notes=notes, loader=options.effective_loader, signature=signature,
             entry=listed.staged_record())
         if staged.loader == "segments":
-            staging.plan_segments(staged, options, inputs)
+            staging.add_segment_plan(staged, options, inputs)
         return staged
     except BaseException:
         for blob in opened:

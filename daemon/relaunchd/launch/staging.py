@@ -269,7 +269,7 @@ def prepare(path: str, options: StageOptions,
                              cmdline=line, notes=notes, loader=options.effective_loader,
                              addons=addon_rules.describe(chosen))
         if staged.loader == "segments":
-            plan_segments(staged, options, inputs)
+            add_segment_plan(staged, options, inputs)
         return staged
     except BaseException:
         for blob in opened:
@@ -282,7 +282,7 @@ def prepare(path: str, options: StageOptions,
 
 
 def _select_addons(image: uki.UkiImage, resolved: uki.ResolvedImage,
-                   found: list[addon_rules.Addon]) -> addon_rules.Selection:
+                   found: list[addon_rules.Addon]) -> addon_rules.AddonSelection:
     stub = image.stub_version()
     return addon_rules.select(found, stub_major=stub.major if stub else None,
                               uki_uname=image.text(resolved, ".uname"))
@@ -528,7 +528,7 @@ def loaded(root: SysRoot) -> bool | None:
     return read.value.strip() == "1"
 
 
-def plan_segments(staged: StagedImage, options: StageOptions, inputs: Any) -> None:
+def add_segment_plan(staged: StagedImage, options: StageOptions, inputs: Any) -> None:
     """The segment loader's zero page, SLRT, DL handler and DRTM predictions for a staged
     kernel (a UKI's or a boot loader entry's): `inputs` are the method's SegmentInputs."""
     from relaunchd.launch import segment_loader

@@ -96,7 +96,7 @@ def model_for(root: SysRoot, entry: crypttab.CrypttabEntry, context: Context,
     if context.measurement_pcr is not None:
         extends.setdefault(context.measurement_pcr, []).append(Extend(
             label="relaunchd measures the staged kernel, initrd and command line"))
-    resets = unlock_prediction.DRTM_PCRS if context.method in DRTM_METHODS else frozenset()
+    resets = unlock_prediction.DRTM_RESET_PCRS if context.method in DRTM_METHODS else frozenset()
     return RelaunchModel(extends=extends, resets=resets, pcrsig=context.pcrsig,
                          describe="DRTM relaunch" if resets else "kexec relaunch")
 

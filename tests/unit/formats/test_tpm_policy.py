@@ -19,7 +19,7 @@ from relaunchd.formats import tpm_policy
     lambda: tpm_policy.policy_pcr(bytes(32), [tpm_policy.PcrSelection("sha256", (7,))],
                                   {"sha256": {7: bytes(20)}}),
     lambda: tpm_policy.policy_pcr(bytes(32), [tpm_policy.PcrSelection("sha256", (7,))], {}),
-    lambda: tpm_policy.extend("sha1", bytes(32), bytes(32)),
+    lambda: tpm_policy.extended("sha1", bytes(32), bytes(32)),
     lambda: tpm_policy.rsa_signing_key_name(b"", 65537),
 ])
 def test_policy_arguments_out_of_range(call):

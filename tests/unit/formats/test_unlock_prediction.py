@@ -41,7 +41,7 @@ def test_boot_chain_pcrs_unlock_but_are_stale():
 
 def test_a_known_extend_is_followed_exactly():
     word = hashlib.sha256(b"shutdown").digest()
-    after = {**NOW, 11: tpm_policy.extend("sha256", NOW[11], word)}
+    after = {**NOW, 11: tpm_policy.extended("sha256", NOW[11], word)}
     model = RelaunchModel(extends={11: [Extend("pcrphase shutdown", {"sha256": word})]})
     # Sealed to today's value: broken by the extend. Sealed to the predicted value
     # (as one would enrol for the next boot): holds, and is not stale (it moved).
@@ -53,7 +53,7 @@ def test_a_known_extend_is_followed_exactly():
 def test_an_unknown_extend_or_a_drtm_reset_is_not_predictable():
     unknown = assess(sealed((23,)), RelaunchModel(extends={23: [Extend("relaunchd")]}))
     assert not unknown.unlocks_after_relaunch and "not predictable" in unknown.reason
-    drtm = assess(sealed((17,)), RelaunchModel(resets=unlock_prediction.DRTM_PCRS))
+    drtm = assess(sealed((17,)), RelaunchModel(resets=unlock_prediction.DRTM_RESET_PCRS))
     assert not drtm.unlocks_after_relaunch and "dynamic launch" in drtm.reason
 
 
