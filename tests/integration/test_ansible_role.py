@@ -78,7 +78,8 @@ def test_rendered_configuration_is_one_relaunchd_accepts(tmp_path):
 @pytest.mark.parametrize("bad", [{"relaunchd_fallback": "maybe"},
                                  {"relaunchd_method": "warp"},
                                  {"relaunchd_install": "deb"},
-                                 {"relaunchd_next_boot_entry": True}])
+                                 {"relaunchd_next_boot_entry": True,
+                                  "relaunchd_image": "/var/lib/relaunchd/images/a.efi"}])
 def test_bad_variables_stop_the_play_before_anything_runs(tmp_path, bad):
     extra = tmp_path / "vars.json"
     extra.write_text(json.dumps(bad))
@@ -154,3 +155,35 @@ def test_verification_judges_each_last_relaunch(tmp_path, last, variables, ok, s
     assert says in out, done.stdout
     if last is FALLBACK:
         assert "NotStaged: nothing is staged" in out
+
+
+@pytest.mark.parametrize("variables, argv", [
+    ({"relaunchd_next_boot_entry": True}, "stage --json --next-boot"),
+    ({"relaunchd_image": "/var/lib/relaunchd/images/new.efi"},
+     "stage --json /var/lib/relaunchd/images/new.efi"),
+])
+def test_the_role_stages_an_image_or_the_next_boot_entry(tmp_path, variables, argv):
+    """relaunch.yml on localhost against a `relaunchctl` that records its arguments and
+    answers as `stage --json` does; the relaunch itself is left out (relaunchd_relaunch
+    false) — the guest test does that part."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls"
+    (fake / "relaunchctl").write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\necho \'{{"id": "{RELAUNCH_ID}"}}\'\n')
+    (fake / "relaunchctl").chmod(0o755)
+    play = tmp_path / "relaunch.yml"
+    play.write_text(yaml.safe_dump([{
+        "hosts": "localhost", "connection": "local", "gather_facts": False,
+        "vars_files": [str(ROLE / "defaults" / "main.yml")],
+        "tasks": [{"ansible.builtin.import_tasks": str(ROLE / "tasks" / "relaunch.yml")},
+                  {"ansible.builtin.debug": {"msg": "id={{ relaunchd_relaunch_id }}"}}],
+    }]))
+    extra = tmp_path / "vars.json"
+    extra.write_text(json.dumps({"relaunchd_relaunch": False,
+                                 "ansible_python_interpreter": sys.executable, **variables}))
+    done = ansible(tmp_path, "-i", "localhost,", "-e", f"@{extra}", str(play),
+                   path=f"{fake}:")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls.read_text().splitlines() == [argv]
+    assert f"id={RELAUNCH_ID}" in done.stdout
