@@ -57,7 +57,9 @@ def test_sealed_volumes_predicted_then_proven_by_a_relaunch(guest, vm_image, key
     for unit in ("systemd-pcrphase.service", "systemd-pcrphase-sysinit.service"):
         shown = guest.run(f"systemctl show -p ConditionResult -p ActiveState {unit}").output
         assert "ConditionResult=no" in shown and "ActiveState=inactive" in shown, shown
-    guest.run(f"head -c 32 /dev/urandom > {KEYFILE} && chmod 0600 {KEYFILE}")
+    # Text, no newline: systemd-cryptenroll gets it through $PASSWORD, where a random
+    # NUL or trailing newline would be lost and the passphrase would not match.
+    guest.run(f"umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {KEYFILE}")
     for serial in VOLUMES.values():
         guest.run(f"cryptsetup luksFormat --type luks2 --batch-mode --pbkdf pbkdf2 "
                   f"--pbkdf-force-iterations 1000 --key-file {KEYFILE} {device(serial)}",
