@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pefile
@@ -179,3 +180,20 @@ def test_cli_json_keys(real_ukis, capsys):
     assert doc["signature"]["signed"] is True
     assert doc["signature"]["signers"] == ["CN=relaunchd test db"]
     assert set(doc["pcr11_phases"]) == set(DEFAULT_PHASES)
+
+
+def test_inspecting_an_unsigned_image_never_imports_cryptography(real_ukis):
+    """`inspect` of an unsigned UKI without .pcrsig must not pay for cryptography's
+    import (~70 ms of a ~200 ms run; README "Performance"); a signed one (or .pcrsig,
+    --cert) needs it. The restructuring once imported it with every `inspect`."""
+    probe = ("import sys\nfrom relaunchd.cli import main\n"
+             "rc = main(sys.argv[1:])\n"
+             "print('CRYPTO', 'cryptography' in sys.modules, rc, file=sys.stderr)\n")
+
+    def imported(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-c", probe, "inspect", "--json", *args],
+                              capture_output=True, text=True, timeout=120)
+        return done.stderr.strip().splitlines()[-1]
+
+    assert imported("--bank", "sha256", str(real_ukis["minimal"])) == "CRYPTO False 0"
+    assert imported(str(real_ukis["signed"])) == "CRYPTO True 0"

@@ -9,7 +9,6 @@ from relaunchd.cli import EXIT_INVALID, EXIT_OK
 from relaunchd.cli.output import human_size, print_json, progress_printer
 from relaunchd.errors import RelaunchError
 from relaunchd.formats import pcr11
-from relaunchd.platform import trust_store
 
 
 def register(subparsers) -> None:
@@ -39,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     banks = tuple(b for b in pcr11.BANKS if b in (args.banks or pcr11.BANKS))
     trusted = []
     if args.cert:
+        # Only then: trust_store brings cryptography (~70 ms), which an unsigned image
+        # never needs (formats.image_report imports it only for a signature).
+        from relaunchd.platform import trust_store
+
         trusted = trust_store.load_certificates(args.cert)
     results: list[dict] = []
     status = EXIT_OK
