@@ -111,29 +111,37 @@ NOT_VERIFIED = {"id": RELAUNCH_ID, "method": "kexec", "verified": False,
 OTHER = {"id": "another", "method": "kexec", "verified": True, "mismatches": []}
 
 
-def verify(tmp_path: Path, last: dict, **variables) -> subprocess.CompletedProcess:
-    """The role's verify.yml on localhost, with `relaunchctl status --json` answering
-    `last` as the new boot's LastRelaunch."""
+def run_role_tasks(tmp_path: Path, tasks: str, relaunchctl: str, variables: dict,
+                   extra_tasks: tuple = ()) -> subprocess.CompletedProcess:
+    """One of the role's task files on localhost, with `relaunchctl` the shell script
+    `relaunchctl` (first on PATH) and `variables` as extra variables."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    status = tmp_path / "status.json"
-    status.write_text(json.dumps({"State": "idle", "LastRelaunch": last}))
-    (fake / "relaunchctl").write_text(
-        f'#!/bin/sh\n[ "$*" = "status --json" ] || exit 64\ncat {status}\n')
+    (fake / "relaunchctl").write_text(f"#!/bin/sh\n{relaunchctl}")
     (fake / "relaunchctl").chmod(0o755)
-    play = tmp_path / "verify.yml"
+    play = tmp_path / "play.yml"
     play.write_text(yaml.safe_dump([{
         "hosts": "localhost", "connection": "local", "gather_facts": False,
         "vars_files": [str(ROLE / "defaults" / "main.yml")],
-        "tasks": [{"ansible.builtin.import_tasks": str(ROLE / "tasks" / "verify.yml")}],
+        "tasks": [{"ansible.builtin.import_tasks": str(ROLE / "tasks" / tasks)},
+                  *extra_tasks],
     }]))
     # Extra variables, as a playbook's own would win over the role's defaults (in a play,
     # vars_files would win over play vars).
     extra = tmp_path / "vars.json"
-    extra.write_text(json.dumps({"relaunchd_relaunch_id": RELAUNCH_ID,
-                                 "ansible_python_interpreter": sys.executable, **variables}))
+    extra.write_text(json.dumps({"ansible_python_interpreter": sys.executable, **variables}))
     return ansible(tmp_path, "-i", "localhost,", "-e", f"@{extra}", str(play),
                    path=f"{fake}:")
+
+
+def verify(tmp_path: Path, last: dict, **variables) -> subprocess.CompletedProcess:
+    """The role's verify.yml, with `relaunchctl status --json` answering `last` as the
+    new boot's LastRelaunch."""
+    status = tmp_path / "status.json"
+    status.write_text(json.dumps({"State": "idle", "LastRelaunch": last}))
+    return run_role_tasks(tmp_path, "verify.yml",
+                          f'[ "$*" = "status --json" ] || exit 64\ncat {status}\n',
+                          {"relaunchd_relaunch_id": RELAUNCH_ID, **variables})
 
 
 @pytest.mark.parametrize("last, variables, ok, says", [
@@ -166,24 +174,12 @@ def test_the_role_stages_an_image_or_the_next_boot_entry(tmp_path, variables, ar
     """relaunch.yml on localhost against a `relaunchctl` that records its arguments and
     answers as `stage --json` does; the relaunch itself is left out (relaunchd_relaunch
     false) — the guest test does that part."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
     calls = tmp_path / "calls"
-    (fake / "relaunchctl").write_text(
-        f'#!/bin/sh\necho "$*" >> {calls}\necho \'{{"id": "{RELAUNCH_ID}"}}\'\n')
-    (fake / "relaunchctl").chmod(0o755)
-    play = tmp_path / "relaunch.yml"
-    play.write_text(yaml.safe_dump([{
-        "hosts": "localhost", "connection": "local", "gather_facts": False,
-        "vars_files": [str(ROLE / "defaults" / "main.yml")],
-        "tasks": [{"ansible.builtin.import_tasks": str(ROLE / "tasks" / "relaunch.yml")},
-                  {"ansible.builtin.debug": {"msg": "id={{ relaunchd_relaunch_id }}"}}],
-    }]))
-    extra = tmp_path / "vars.json"
-    extra.write_text(json.dumps({"relaunchd_relaunch": False,
-                                 "ansible_python_interpreter": sys.executable, **variables}))
-    done = ansible(tmp_path, "-i", "localhost,", "-e", f"@{extra}", str(play),
-                   path=f"{fake}:")
+    done = run_role_tasks(
+        tmp_path, "relaunch.yml",
+        f'echo "$*" >> {calls}\necho \'{{"id": "{RELAUNCH_ID}"}}\'\n',
+        {"relaunchd_relaunch": False, **variables},
+        ({"ansible.builtin.debug": {"msg": "id={{ relaunchd_relaunch_id }}"}},))
     assert done.returncode == 0, done.stdout + done.stderr
     assert calls.read_text().splitlines() == [argv]
     assert f"id={RELAUNCH_ID}" in done.stdout
