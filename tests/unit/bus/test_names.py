@@ -11,6 +11,7 @@ from pathlib import Path
 from gi.repository import Gio
 
 from relaunchd.bus import names
+from relaunchd.bus import service as bus_service
 from relaunchd.bus.service import PROPERTY_OF
 
 UNITS = Path(__file__).resolve().parents[3] / "units"
@@ -35,6 +36,21 @@ def test_the_bus_policy_names_the_service_and_the_interface():
     interfaces = {e.get("send_interface") for e in policy.iter("allow")
                   if e.get("send_interface")}
     assert names.INTERFACE in interfaces and names.PROPERTIES_IFACE in interfaces
+
+
+def test_the_bus_policy_lets_everyone_send_each_method_by_name():
+    """Every method of the introspection XML has its own allow rule in the default
+    context, and nothing else of the interface is allowed: a method missing here would be
+    refused by dbus-daemon for non-root callers before polkit could decide."""
+    xml = ET.parse(Path(bus_service.__file__).with_name(
+        "org.relaunchd.Relaunch1.Manager.xml")).getroot()
+    methods = {m.get("name") for m in xml.iter("method")}
+    policy = ET.parse(UNITS / "org.relaunchd.Relaunch1.conf").getroot()
+    default = next(p for p in policy.iter("policy") if p.get("context") == "default")
+    rules = [e.attrib for e in default.iter("allow")
+             if e.get("send_interface") == names.INTERFACE]
+    assert all(r.get("send_destination") == names.BUS_NAME for r in rules)
+    assert sorted(r.get("send_member") for r in rules) == sorted(methods)
 
 
 def test_the_activation_file_names_the_service():
