@@ -72,6 +72,7 @@ def make_env(tmp_path: Path, cert: str) -> Env:
     """An engine environment under `tmp_path`: one image file (never parsed: the fake
     machine stages it), an empty platform root, trust in `cert`."""
     (tmp_path / "images").mkdir(mode=0o755)
+    (tmp_path / "images").chmod(0o755)          # whatever the umask: the image rules check it
     image = tmp_path / "images" / "linux.efi"
     image.write_bytes(b"MZ not really a UKI; the fake platform never parses it")
     (tmp_path / "platform").mkdir()
@@ -114,39 +115,19 @@ def new_boot(env: Env) -> None:
 
 
 # An engine environment with several named images (tests/unit/engine/test_stage.py,
-# test_core.py): images made on demand by name.
+# test_core.py): `make_env`'s, with images made on demand by name.
 @dataclass
-class EngineEnv:
-    config: Config
-    machine: FakeMachine
-    notes: Recorder
-    images: Path
-
+class EngineEnv(Env):
     @classmethod
     def create(cls, tmp: Path, cert: str, machine: FakeMachine | None = None) -> EngineEnv:
-        images = tmp / "images"
-        images.mkdir(mode=0o755)
-        images.chmod(0o755)
-        (tmp / "platform").mkdir()
-        config = Config(root=str(tmp / "platform"), state_dir=str(tmp / "state"),
-                        runtime_dir=str(tmp / "run"), image_dirs=(str(images),),
-                        trust=TrustConfig(certificates=(cert,)))
-        return cls(config, machine or FakeMachine(), Recorder(), images)
+        env = make_env(tmp, cert)
+        return cls(env.config, machine or env.machine, env.notes, env.image, tmp)
 
-    def image(self, name: str) -> str:
+    def make_image(self, name: str) -> str:
         """An image file the fake machine stages (it never parses it)."""
-        path = self.images / name
+        path = Path(self.config.image_dirs[0]) / name
         path.write_bytes(b"MZ not really a UKI; the fake machine never parses it")
         return str(path)
-
-    def engine(self) -> Engine:
-        engine = Engine(self.config, self.machine, notify=self.notes)
-        self.notes.engine = engine
-        return engine
-
-    @property
-    def staged_json(self) -> Path:
-        return Path(self.config.runtime_dir) / state.STAGED
 
     @property
     def quiesce_plan_json(self) -> Path:

@@ -256,7 +256,7 @@ class ScanRefused(FakeMachine):
 def test_staged_image_says_how_many_processes_were_not_inspected(tmp_path, keys):
     env = EngineEnv.create(tmp_path, str(keys["db"].cert), ScanRefused())
     engine = env.engine()
-    engine.stage(env.image("a.efi"))
+    engine.stage(env.make_image("a.efi"))
     assert engine.wait(5) == "staged"
     summary = engine.staged_image["quiesce"]
     assert summary["uninspected"] == 3 and summary["notes"] == [NOTE]

@@ -292,7 +292,7 @@ def renv(tmp_path, keys) -> EngineEnv:
 @pytest.fixture
 def staged_a(renv):
     engine = renv.engine()
-    a_path = renv.image("a.efi")
+    a_path = renv.make_image("a.efi")
     a = engine.stage(a_path)
     assert engine.wait(5) == "staged"
     return engine, a, a_path
@@ -365,7 +365,7 @@ FAILURES = [
 def test_failed_replacement_keeps_the_staged_image(renv, staged_a, what, arrange, error,
                                                     reloaded):
     engine, a, a_path = staged_a
-    b_path = renv.image("b.efi")
+    b_path = renv.make_image("b.efi")
     arrange(renv, engine, b_path)
     b = fail_b(renv, engine, b_path)
     a_is_still_staged(renv, engine, a, a_path)
@@ -385,7 +385,7 @@ def test_failed_replacement_keeps_the_staged_image(renv, staged_a, what, arrange
 
 def test_successful_replacement_releases_the_old_image(renv, staged_a):
     engine, a, _ = staged_a
-    b_path = renv.image("b.efi")
+    b_path = renv.make_image("b.efi")
     b = engine.stage(b_path)
     assert engine.wait(5) == "staged"
     assert engine.staged_image["id"] == b and renv.machine.loaded_source == b_path
@@ -397,7 +397,7 @@ def test_staged_image_stays_visible_while_the_replacement_stages(renv, staged_a)
     engine, a, _ = staged_a
     renv.machine.release_prepare.clear()
     renv.machine.in_prepare.clear()
-    engine.stage(renv.image("b.efi"))
+    engine.stage(renv.make_image("b.efi"))
     assert renv.machine.in_prepare.wait(5)
     assert engine.state == "staging" and engine.staged_image["id"] == a
     assert engine.can_relaunch == "no"
@@ -409,7 +409,7 @@ def test_cancel_during_prepare_keeps_the_staged_image(renv, staged_a):
     engine, a, a_path = staged_a
     renv.machine.release_prepare.clear()
     renv.machine.in_prepare.clear()
-    b = engine.stage(renv.image("b.efi"))
+    b = engine.stage(renv.make_image("b.efi"))
     assert renv.machine.in_prepare.wait(5)
     engine.cancel()
     assert engine.wait(5) == "staged"
@@ -424,7 +424,7 @@ def test_cancel_after_the_new_image_was_loaded_loads_the_old_again(renv, staged_
     engine, a, a_path = staged_a
     renv.machine.release_load.clear()
     renv.machine.in_load.clear()
-    engine.stage(renv.image("b.efi"))
+    engine.stage(renv.make_image("b.efi"))
     assert renv.machine.in_load.wait(5)
     engine.cancel()                       # B's load completes, then the cancel is seen
     renv.machine.release_load.set()
@@ -446,7 +446,7 @@ def test_old_image_lost_only_when_it_cannot_be_loaded_again(renv, staged_a):
     """B replaced A in the kernel and then failed; loading A again fails too: nothing is
     left loaded or recorded, and LastError says A was lost."""
     engine, a, a_path = staged_a
-    b_path = renv.image("b.efi")
+    b_path = renv.make_image("b.efi")
     renv.machine.unloaded_after_load_for.add(b_path)
     renv.machine.fail_load_for[a_path] = KexecFailed("kexec_file_load: Cannot allocate memory")
     b = fail_b(renv, engine, b_path)
@@ -467,13 +467,13 @@ def test_after_a_restart_a_refused_load_still_keeps_the_image(renv, staged_a):
     engine.close()
     engine = renv.engine()                 # reconciled: A staged, no memfds
     assert engine.state == "staged" and engine.staged is None
-    b_path = renv.image("b.efi")
+    b_path = renv.make_image("b.efi")
     renv.machine.fail_load_for[b_path] = KexecFailed("kexec_file_load: Invalid argument")
     fail_b(renv, engine, b_path)
     assert engine.state == "staged" and engine.staged_image["id"] == a
     assert renv.machine.loaded_source == a_path
 
-    c_path = renv.image("c.efi")
+    c_path = renv.make_image("c.efi")
     save_staged_fails_for(engine, "c.efi")
     fail_b(renv, engine, c_path)
     assert engine.state == "failed" and engine.last_error["lost"] == a
@@ -483,7 +483,7 @@ def test_after_a_restart_a_refused_load_still_keeps_the_image(renv, staged_a):
 
 def test_relaunch_into_the_kept_image_after_a_failed_replacement(renv, staged_a):
     engine, a, _ = staged_a
-    b_path = renv.image("b.efi")
+    b_path = renv.make_image("b.efi")
     renv.machine.fail_prepare_for[b_path] = VerificationFailed("b.efi: untrusted signer")
     fail_b(renv, engine, b_path)
     assert engine.relaunch() == a
@@ -496,7 +496,7 @@ def test_no_record_names_the_old_image_while_the_kernel_may_hold_the_new_one(ren
     engine, a, a_path = staged_a
     renv.machine.release_load.clear()
     renv.machine.in_load.clear()
-    b = engine.stage(renv.image("b.efi"))
+    b = engine.stage(renv.make_image("b.efi"))
     assert renv.machine.in_load.wait(5)
     assert not renv.staged_json.exists()
     assert engine.staged_image["id"] == a          # still what is shown meanwhile
