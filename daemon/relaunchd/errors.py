@@ -167,12 +167,16 @@ class InvalidVolume(RelaunchError):
     name = "InvalidVolume"
 
 
-def error_named(name: str) -> type[RelaunchError] | None:
-    """The error class whose `name` is `name` (a D-Bus reply or a LastError), if any."""
-    todo: list[type[RelaunchError]] = [RelaunchError]
+def all_errors() -> list[type[RelaunchError]]:
+    """RelaunchError and every error class of this module below it."""
+    found, todo = [], [RelaunchError]
     while todo:
         cls = todo.pop()
-        if cls.__module__ == __name__ and cls.name == name:
-            return cls
+        found.append(cls)
         todo.extend(cls.__subclasses__())
-    return None
+    return [c for c in found if c.__module__ == __name__]
+
+
+def error_named(name: str) -> type[RelaunchError] | None:
+    """The error class whose `name` is `name` (a D-Bus reply or a LastError), if any."""
+    return next((cls for cls in all_errors() if cls.name == name), None)

@@ -10,19 +10,10 @@ from relaunchd import errors
 from relaunchd.errors import ConfigError, NoTpm, NotReady, RelaunchError, TpmFailed
 
 
-def every_error() -> list[type[RelaunchError]]:
-    found, todo = [], [RelaunchError]
-    while todo:
-        cls = todo.pop()
-        found.append(cls)
-        todo.extend(cls.__subclasses__())
-    return [c for c in found if c.__module__ == errors.__name__]
-
-
 def test_each_name_is_one_class():
-    names = [cls.name for cls in every_error()]
+    names = [cls.name for cls in errors.all_errors()]
     assert len(names) == len(set(names)) and len(names) > 20
-    for cls in every_error():
+    for cls in errors.all_errors():
         assert errors.error_named(cls.name) is cls
 
 

@@ -22,13 +22,6 @@ DOCS = Path(__file__).resolve().parents[3] / "docs" / "dbus-api.md"
 CLIENT_SIDE = {"NoDaemon", "AccessDenied", "Interrupted", "InvalidVolume"}
 
 
-def every_error() -> list[type[RelaunchError]]:
-    found, todo = [], [RelaunchError]
-    while todo:
-        cls = todo.pop()
-        found.append(cls)
-        todo.extend(cls.__subclasses__())
-    return [c for c in found if c.__module__ == errors.__name__]
 
 
 def remote(name: str, message: str) -> GLib.Error:
@@ -36,7 +29,7 @@ def remote(name: str, message: str) -> GLib.Error:
     return GLib.Error.new_literal(Gio.io_error_quark(), f"GDBus.Error:{name}: {message}", 0)
 
 
-@pytest.mark.parametrize("cls", every_error(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", errors.all_errors(), ids=lambda c: c.__name__)
 def test_every_error_makes_the_round_trip(cls):
     name, message = dbus_error(cls("what happened: x"))
     assert name == ERROR_PREFIX + cls.name
@@ -48,7 +41,7 @@ def test_every_error_the_service_can_send_is_documented():
     text = DOCS.read_text()
     section = text[text.index("## Errors"):text.index("## Authorization")]
     documented = set(re.findall(r"`(\w+)`", section))
-    sent = {cls.name for cls in every_error()} - CLIENT_SIDE
+    sent = {cls.name for cls in errors.all_errors()} - CLIENT_SIDE
     assert sent - documented == set()
     assert "Internal" in documented
 
