@@ -215,7 +215,7 @@ def _kernel(image: SealedPart, path: str, options: StageOptions, preload: Any,
                               "verify")
     else:
         signature = _verify(image.fd, headers, image.size, kernel_hash, preload, progress)
-    _require_verified(path, signature, options, preload.certificates())
+    staging.require_verified(path, signature, options, preload.certificates(), "kernel")
     limit = None
     if os.uname().machine == "x86_64":
         try:
@@ -250,16 +250,3 @@ def _verify(fd: int, headers: pe.PeHeaders, length: int, kernel_hash: Any, prelo
 def _unsigned(reason: str) -> SignatureReport:
     return SignatureReport(signed=False, signers=[], digest_ok=[], verified=False,
                            verified_by=None, reasons=[reason])
-
-
-def _require_verified(path: str, signature: SignatureReport, options: StageOptions,
-                      trusted: list) -> None:
-    """As a UKI's signature is required (staging._require_trust): verified, or unsigned
-    staging explicitly allowed with no trust configured at all."""
-    if signature.verified or (options.allow_unsigned and not trusted):
-        return
-    if not trusted:
-        raise VerificationFailed(f"{path}: no trusted certificates configured; refusing to "
-                                 "stage an unverified kernel")
-    why = "; ".join(signature.reasons) or "no signature verifies"
-    raise VerificationFailed(f"{path}: {why}")

@@ -47,6 +47,7 @@ from relaunchd.formats import cmdline as cmdline_rules
 from relaunchd.formats import hashing, initrd, pe, uki
 from relaunchd.formats.image_report import ImageReport, inspect_image
 from relaunchd.formats.pe import FileRange
+from relaunchd.formats.signature_report import SignatureReport
 from relaunchd.formats.x86 import boot_params
 from relaunchd.launch import registry
 from relaunchd.platform import (
@@ -236,7 +237,7 @@ def prepare(path: str, options: StageOptions,
                 progress=(lambda d, t: progress("verifying", d, t)) if progress else None,
                 extra_sinks=extra)
             trusted = preload.certificates()
-            _require_trust(path, report, options, trusted)
+            require_verified(path, report.signature, options, trusted)
             addon_rules.verify(chosen, trusted, options.allow_unsigned)
             if kernel_is_section:
                 kernel_hash = report.section_hashes[linux.index]["sha256"]
@@ -387,16 +388,15 @@ def _detachable_initrd(original: uki.UkiImage, profile: int | None,
     return parts[0].source.offset, parts[0].source.length
 
 
-def _require_trust(path: str, report: ImageReport, options: StageOptions,
-                   trusted: list) -> None:
-    signature = report.signature
-    if signature.verified:
-        return
-    if options.allow_unsigned and not trusted:
+def require_verified(path: str, signature: SignatureReport, options: StageOptions,
+                     trusted: list, what: str = "image") -> None:
+    """A signature that verifies against `trusted`, or unsigned staging explicitly allowed
+    with no trust configured at all (a UKI's, or a boot loader entry's kernel)."""
+    if signature.verified or (options.allow_unsigned and not trusted):
         return
     if not trusted:
         raise VerificationFailed(f"{path}: no trusted certificates configured; refusing to "
-                                 "stage an unverified image")
+                                 f"stage an unverified {what}")
     why = "; ".join(signature.reasons) or "no signature verifies"
     raise VerificationFailed(f"{path}: {why}")
 
